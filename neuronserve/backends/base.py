@@ -1,0 +1,59 @@
+"""The backend contract: a ``Backend`` builds a ``ModelRunner``; a registry maps names to classes.
+
+Nothing above ``backends/`` knows which backend is in use.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from neuronserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from neuronserve.core import SchedulerOutput
+
+
+class ModelRunner(ABC):
+    """Runs one scheduled step on a device and returns the logits of each scheduled sequence."""
+
+    model_config: ModelConfig
+
+    @abstractmethod
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        """Logits ``[len(out), vocab]`` (float32), row ``i`` for ``out.requests[i]``'s last new token."""
+
+
+class Backend(ABC):
+    name: str = ""
+
+    @abstractmethod
+    def build_runner(
+        self,
+        model: torch.nn.Module,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        scheduler_config: SchedulerConfig,
+    ) -> ModelRunner:
+        """Build a runner for a model whose weights are loaded."""
+
+
+_REGISTRY: dict[str, type[Backend]] = {}
+
+
+def register_backend(name: str):
+    def decorator(cls: type[Backend]) -> type[Backend]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _REGISTRY:
+        raise ValueError(f"backend: unknown backend {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]()
+
+
+def available_backends() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,67 @@
+"""The CPU reference backend: the model's forward run eagerly, in fp32 by default.
+
+Eager mode skips padding (each step runs at its real size and the block table is trimmed to the
+longest context), so small steps stay cheap. The traced and Neuron backends pad to the bucket.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from neuronserve.backends.base import Backend, ModelRunner, register_backend
+from neuronserve.backends.cpu_layout import use_transposed_linears
+from neuronserve.backends.inputs import (
+    StepInputs,
+    build_step_inputs,
+    chunks_from_output,
+    eager_attention_plan,
+)
+from neuronserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from neuronserve.core import SchedulerOutput
+
+
+class CPUModelRunner(ModelRunner):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        scheduler_config: SchedulerConfig,
+        cache_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model = use_transposed_linears(model.eval())
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.scheduler_config = scheduler_config
+        dtype = cache_dtype or next(model.parameters()).dtype
+        shape = model.kv_cache_shape(cache_config.num_blocks, cache_config.block_size)
+        self.kv_cache = torch.zeros(shape, dtype=dtype)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv_cache.numel() * self.kv_cache.element_size()
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        if not out.requests:
+            return torch.empty(0, self.model_config.vocab_size)
+        chunks = chunks_from_output(out)
+        inputs = build_step_inputs(chunks, self.cache_config.block_size)
+        check_token_ids(inputs, self.model_config.vocab_size)
+        plan = eager_attention_plan(chunks, self.cache_config.block_size)
+        logits, _ = self.model(*inputs.as_args(), self.kv_cache, plan=plan)
+        return logits[: inputs.num_seqs]
+
+
+def check_token_ids(inputs: StepInputs, vocab_size: int) -> None:
+    """Refuse ids the embedding table does not have, before they reach the model."""
+    if inputs.num_tokens and int(inputs.input_ids.max()) >= vocab_size:
+        raise ValueError(
+            f"prompt_token_ids: token id {int(inputs.input_ids.max())} >= vocab_size {vocab_size}"
+        )
+
+
+@register_backend("cpu")
+class CPUBackend(Backend):
+    def build_runner(self, model, model_config, cache_config, scheduler_config) -> ModelRunner:
+        return CPUModelRunner(model, model_config, cache_config, scheduler_config)

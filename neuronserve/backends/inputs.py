@@ -1,0 +1,129 @@
+"""Flat, padded step tensors for the model's forward, built from the scheduler's decisions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from neuronserve.core import PAD_BLOCK_ID, SchedulerOutput
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's share of a step: its new tokens, the position of the first, its blocks."""
+
+    token_ids: Sequence[int]
+    start: int
+    block_table: Sequence[int]
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # (T,)
+    positions: torch.Tensor  # (T,)
+    slot_mapping: torch.Tensor  # (T,)
+    block_tables: torch.Tensor  # (B, max_blocks)
+    context_lens: torch.Tensor  # (B,)
+    query_start_loc: torch.Tensor  # (B + 1,)
+    logits_indices: torch.Tensor  # (B,)
+    num_tokens: int  # real tokens; the rest of T is padding
+    num_seqs: int  # real sequences; the rest of B is padding
+
+    def as_args(self) -> tuple[torch.Tensor, ...]:
+        return (
+            self.input_ids,
+            self.positions,
+            self.slot_mapping,
+            self.block_tables,
+            self.context_lens,
+            self.query_start_loc,
+            self.logits_indices,
+        )
+
+
+def chunks_from_output(out: SchedulerOutput) -> list[SeqChunk]:
+    return [
+        SeqChunk(out.token_ids(i), out.num_computed_tokens[i], r.block_ids)
+        for i, r in enumerate(out.requests)
+    ]
+
+
+def build_step_inputs(
+    chunks: Sequence[SeqChunk],
+    block_size: int,
+    *,
+    num_tokens: int | None = None,
+    num_seqs: int | None = None,
+    max_blocks: int | None = None,
+) -> StepInputs:
+    """Flatten ``chunks`` and pad to ``num_tokens`` (T), ``num_seqs`` (B) and ``max_blocks``
+    (block-table width); each defaults to the unpadded size. Padding tokens write to the pad block
+    and padding sequences are empty."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    query_start_loc = [0]
+    context_lens: list[int] = []
+    for c in chunks:
+        n, table = len(c.token_ids), c.block_table
+        input_ids.extend(c.token_ids)
+        pos = range(c.start, c.start + n)
+        positions.extend(pos)
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
+        query_start_loc.append(query_start_loc[-1] + n)
+        context_lens.append(c.start + n)
+    real_tokens, real_seqs = len(input_ids), len(chunks)
+    T = real_tokens if num_tokens is None else num_tokens
+    B = real_seqs if num_seqs is None else num_seqs
+    needed_blocks = max((-(-n // block_size) for n in context_lens), default=1)
+    width = needed_blocks if max_blocks is None else max_blocks
+    if real_tokens > T or real_seqs > B or width < needed_blocks:
+        raise ValueError(
+            f"step of {real_tokens} tokens, {real_seqs} sequences, {needed_blocks} blocks does not fit "
+            f"the padded shape T={T}, B={B}, max_blocks={width}"
+        )
+    pad_tokens = T - real_tokens
+    input_ids += [0] * pad_tokens
+    positions += [0] * pad_tokens
+    slots += [PAD_BLOCK_ID * block_size] * pad_tokens
+    query_start_loc += [real_tokens] * (B - real_seqs)
+    context_lens += [0] * (B - real_seqs)
+    tables = [
+        list(c.block_table[:width]) + [PAD_BLOCK_ID] * (width - len(c.block_table[:width])) for c in chunks
+    ]
+    tables += [[PAD_BLOCK_ID] * width] * (B - real_seqs)
+    logits_indices = [max(0, q - 1) for q in query_start_loc[1 : real_seqs + 1]] + [0] * (B - real_seqs)
+
+    def tensor(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64)
+
+    return StepInputs(
+        input_ids=tensor(input_ids),
+        positions=tensor(positions),
+        slot_mapping=tensor(slots),
+        block_tables=tensor(tables).view(B, width),
+        context_lens=tensor(context_lens),
+        query_start_loc=tensor(query_start_loc),
+        logits_indices=tensor(logits_indices),
+        num_tokens=real_tokens,
+        num_seqs=real_seqs,
+    )
+
+
+def eager_attention_plan(chunks: Sequence[SeqChunk], block_size: int):
+    """The eager CPU split of a step's attention (see ``EagerAttentionPlan``): the leading run of
+    one-token chunks takes the batched gather path; every later chunk attends as one segment."""
+    from neuronserve.model.llama import EagerAttentionPlan
+
+    num_decode = 0
+    while num_decode < len(chunks) and len(chunks[num_decode].token_ids) == 1:
+        num_decode += 1
+    segments, start = [], num_decode
+    for c in chunks[num_decode:]:
+        end, context_len = start + len(c.token_ids), c.start + len(c.token_ids)
+        blocks = torch.tensor(list(c.block_table[: -(-context_len // block_size)]), dtype=torch.int64)
+        segments.append((start, end, context_len, blocks))
+        start = end
+    return EagerAttentionPlan(num_decode_tokens=num_decode, prefill_segments=segments)

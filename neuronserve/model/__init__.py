@@ -1,0 +1,1 @@
+"""The Llama-family model, weight loading and tokenization (needs torch and transformers)."""

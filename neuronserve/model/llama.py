@@ -1,0 +1,317 @@
+"""The Llama-family model, written once for static shapes over a paged KV cache.
+
+Every backend calls the same ``forward``. A step is flat: the new tokens of all scheduled sequences
+(prefill chunks and decode tokens alike) lie back to back in ``input_ids[T]``; sequence ``b`` owns
+tokens ``query_start_loc[b]:query_start_loc[b+1]``. There is no data-dependent Python control flow,
+so the function traces to one static graph per (T, B, max_blocks) shape.
+
+KV cache layout: ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``. Each new
+token's K/V is written to ``slot_mapping[t]`` (``block_id * block_size + offset``; padding tokens
+write to the reserved pad block 0); each token then attends over its own sequence's context,
+gathered through the block table and masked by position.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuronserve.config import ModelConfig
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse RoPE frequencies ``[head_dim / 2]``, with linear or llama3 scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.float()
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return (inv_freq / scaling["factor"]).float()
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling: type {kind!r} is not supported (supported: linear, llama3)")
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [T, heads, head_dim]`` by ``cos/sin [T, 1, head_dim]`` (the rotate-half layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclass
+class EagerAttentionPlan:
+    """Optional, eager-only: how to split a step's attention for speed on CPU.
+
+    Tokens ``[0, num_decode_tokens)`` are one-token decodes of different sequences and use the
+    static gather path; each prefill segment ``(token_start, token_end, context_len, blocks)`` runs
+    one attention over its sequence's context, gathered once instead of once per token. The traced
+    and Neuron paths never pass a plan, so their graphs stay free of data-dependent control flow.
+    """
+
+    num_decode_tokens: int
+    prefill_segments: list[tuple[int, int, int, torch.Tensor]]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        # q, k and v in one matmul; loaded from separate checkpoint tensors by load_weights.
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (T, hidden)
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, kvh, hd), this layer's
+        slot_mapping: torch.Tensor,  # (T,)
+        context_block_tables: torch.Tensor,  # (T, max_blocks): each token's sequence's blocks
+        attn_mask: torch.Tensor,  # (T, 1, 1, max_blocks * block_size) bool, True = attend
+        positions: torch.Tensor,  # (T,)
+        plan: EagerAttentionPlan | None = None,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)  # (T, nh, hd)
+        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)  # (T, kvh, hd)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+
+        # Write the new tokens' K/V into their slots, then read every context from the cache.
+        k_cache = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # (slots, kvh, hd)
+        v_cache = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
+        k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        if plan is None:
+            out = self._gathered_attention(q, kv_cache, context_block_tables, attn_mask)
+        else:
+            out = self._planned_attention(q, kv_cache, context_block_tables, attn_mask, positions, plan)
+        return self.o_proj(out.reshape(T, self.q_size))
+
+    def _gathered_attention(self, q, kv_cache, context_block_tables, attn_mask) -> torch.Tensor:
+        """Each token attends over its own sequence's context, gathered per token (static shapes)."""
+        T = q.shape[0]
+        keys = kv_cache[0][context_block_tables].flatten(1, 2)  # (T, L, kvh, hd)
+        values = kv_cache[1][context_block_tables].flatten(1, 2)
+        # Grouped-query attention: each KV head serves num_heads / num_kv_heads query heads.
+        group = self.num_heads // self.num_kv_heads
+        q = q.view(T, self.num_kv_heads, group, self.head_dim)  # (T, kvh, g, hd)
+        keys = keys.transpose(1, 2).to(q.dtype)  # (T, kvh, L, hd)
+        values = values.transpose(1, 2).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=self.scale)
+        return out.reshape(T, self.num_heads, self.head_dim)
+
+    def _planned_attention(
+        self, q, kv_cache, context_block_tables, attn_mask, positions, plan
+    ) -> torch.Tensor:
+        d = plan.num_decode_tokens
+        parts = (
+            [self._gathered_attention(q[:d], kv_cache, context_block_tables[:d], attn_mask[:d])] if d else []
+        )
+        for start, end, context_len, blocks in plan.prefill_segments:
+            keys = kv_cache[0][blocks].flatten(0, 1)[:context_len]  # (ctx, kvh, hd)
+            values = kv_cache[1][blocks].flatten(0, 1)[:context_len]
+            mask = torch.arange(context_len)[None, :] <= positions[start:end, None]  # causal, (n, ctx)
+            out = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1),  # (nh, n, hd)
+                keys.transpose(0, 1).to(q.dtype),  # (kvh, ctx, hd)
+                values.transpose(0, 1).to(q.dtype),
+                attn_mask=mask,
+                scale=self.scale,
+                enable_gqa=True,
+            )
+            parts.append(out.transpose(0, 1))  # (n, nh, hd)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x, cos, sin, kv_cache, slot_mapping, context_block_tables, attn_mask, positions, plan=None
+    ):
+        x = x + self.self_attn(
+            self.input_layernorm(x),
+            cos,
+            sin,
+            kv_cache,
+            slot_mapping,
+            context_block_tables,
+            attn_mask,
+            positions,
+            plan,
+        )
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama 2/3, SmolLM2, Mistral (full attention) and Qwen2 (q/k/v bias)."""
+
+    # checkpoint name fragment -> (our parameter fragment, shard index in the fused parameter)
+    _fused = {
+        ".q_proj.": (".qkv_proj.", 0),
+        ".k_proj.": (".qkv_proj.", 1),
+        ".v_proj.": (".qkv_proj.", 2),
+        ".gate_proj.": (".gate_up_proj.", 0),
+        ".up_proj.": (".gate_up_proj.", 1),
+    }
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head when the config says so (again after ``to_empty``)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        c = self.config
+        return (c.num_hidden_layers, 2, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (T,) int64
+        positions: torch.Tensor,  # (T,) int64
+        slot_mapping: torch.Tensor,  # (T,) int64
+        block_tables: torch.Tensor,  # (B, max_blocks) int64, padded with the pad block 0
+        context_lens: torch.Tensor,  # (B,) int64: tokens in each sequence after this step
+        query_start_loc: torch.Tensor,  # (B + 1,) int64
+        logits_indices: torch.Tensor,  # (B,) int64: the token whose logits each sequence needs
+        kv_cache: torch.Tensor,  # (layers, 2, num_blocks, block_size, kvh, hd), updated in place
+        plan: EagerAttentionPlan | None = None,  # eager CPU only; see EagerAttentionPlan
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        T = input_ids.shape[0]
+        block_size = kv_cache.shape[3]
+        # Which sequence each token belongs to; padding tokens past the last sequence clamp to it
+        # (their outputs are never read, and their K/V goes to the pad slot).
+        token_idx = torch.arange(T, device=input_ids.device)
+        seq_idx = torch.searchsorted(query_start_loc[1:], token_idx, right=True)
+        seq_idx = seq_idx.clamp(max=block_tables.shape[0] - 1)
+        context_block_tables = block_tables[seq_idx]  # (T, max_blocks)
+        key_pos = torch.arange(block_tables.shape[1] * block_size, device=input_ids.device)
+        # Causal and in-sequence at once: a token sees keys at positions <= its own. Padding
+        # tokens (context 0) still see key 0, the pad slot, so no softmax row is empty (NaN).
+        token_context = context_lens[seq_idx].clamp(min=1)
+        valid = (key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] < token_context[:, None])
+        attn_mask = valid[:, None, None, :]  # (T, 1, 1, L)
+
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # (T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, hd)
+        x = self.embed_tokens(input_ids)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(
+                x, cos, sin, kv_cache[i], slot_mapping, context_block_tables, attn_mask, positions, plan
+            )
+        x = self.norm(x[logits_indices])  # (B, hidden)
+        return self.lm_head(x).float(), kv_cache
+
+    # ---------------------------------------------------------------- weights
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load Hugging Face-named tensors (``model.layers.0.self_attn.q_proj.weight``, ...).
+
+        Separate q/k/v and gate/up tensors are copied into their slice of the fused parameter.
+        Raises ``ValueError`` on a missing or unexpected tensor, or a shape mismatch.
+        """
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            key = name.removeprefix("model.")
+            if "rotary_emb" in key or (self.config.tie_word_embeddings and key == "lm_head.weight"):
+                continue
+            target, shard = key, None
+            for fragment, (fused, index) in self._fused.items():
+                if fragment in key:
+                    target, shard = key.replace(fragment, fused), index
+                    break
+            if target not in params:
+                raise ValueError(f"weights: unexpected tensor {name!r} for {self.config.architecture}")
+            param = params[target]
+            dest = param.data if shard is None else self._shard_slice(target, param, shard)
+            if dest.shape != tensor.shape:
+                raise ValueError(
+                    f"weights: {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+                )
+            dest.copy_(tensor)
+            loaded.add(target if shard is None else f"{target}#{shard}")
+        expected = {
+            n if not any(f[0] in n for f in self._fused.values()) else f"{n}#{i}"
+            for n, p in params.items()
+            for i in range(self._num_shards(n))
+        }
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"weights: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+    def _num_shards(self, name: str) -> int:
+        if ".qkv_proj." in name:
+            return 3
+        return 2 if ".gate_up_proj." in name else 1
+
+    def _shard_slice(self, name: str, param: torch.Tensor, shard: int) -> torch.Tensor:
+        c = self.config
+        if ".qkv_proj." in name:
+            sizes = [c.num_attention_heads * c.head_dim] + [c.num_key_value_heads * c.head_dim] * 2
+        else:
+            sizes = [c.intermediate_size] * 2
+        start = sum(sizes[:shard])
+        return param.data[start : start + sizes[shard]]

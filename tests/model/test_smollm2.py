@@ -1,0 +1,105 @@
+"""The embedded default model (SmolLM2-135M-Instruct, GGUF) against transformers on the same file."""
+
+import pytest
+import torch
+
+from neuronserve.backends import get_backend
+from neuronserve.config import CacheConfig, SchedulerConfig
+from neuronserve.core import Request, Scheduler
+from neuronserve.model.loader import load_model, resolve_model_path
+from neuronserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+PROMPTS = [
+    "Which running shoes are best for flat feet?",
+    "Is this blender dishwasher safe?",
+    "Compare the battery life of these two headphones.",
+    "What is the capital of France?",
+]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, config, hf_dir = load_model("smollm2-135m-instruct")
+    return model, config, Tokenizer.from_dir(hf_dir)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smollm2):
+    tok = smollm2[2]
+    return [tok.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+
+
+def test_config_read_from_the_gguf(smollm2):
+    _, config, tok = smollm2
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (30, 9, 3)
+    assert config.tie_word_embeddings and config.vocab_size == 49152
+    assert tok.eos_token_id == 2 and tok.decode(tok.encode("Hello world")) == "Hello world"
+
+
+def test_greedy_tokens_equal_transformers_on_the_same_file(smollm2, prompt_ids):
+    from transformers import AutoModelForCausalLM
+
+    model, config, _ = smollm2
+    # Ours: all four prompts batched through the real scheduler and the CPU backend.
+    sched_cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=128, max_model_len=256)
+    cache_cfg = CacheConfig(block_size=16, num_blocks=64)
+    scheduler = Scheduler(sched_cfg, cache_cfg)
+    runner = get_backend("cpu").build_runner(model, config, cache_cfg, sched_cfg)
+    for i, ids in enumerate(prompt_ids):
+        scheduler.add_request(Request(str(i), ids, max_tokens=NEW_TOKENS, eos_token_id=None))
+    outputs = {}
+    while scheduler.has_unfinished():
+        out = scheduler.schedule()
+        tokens = runner.execute(out).argmax(-1).tolist()
+        for r in scheduler.update(out, tokens):
+            outputs[int(r.request_id)] = r.output_token_ids
+    scheduler.block_manager.check_integrity()
+
+    path = resolve_model_path("smollm2-135m-instruct")
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    hf.generation_config.eos_token_id = None  # like ours: exactly NEW_TOKENS tokens, eos included
+    for i, ids in enumerate(prompt_ids):
+        with torch.inference_mode():
+            input_ids = torch.tensor([ids])
+            # An explicit mask: inferred from pad_token_id=2 it would hide the prompt's <|im_end|>.
+            ref = hf.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=2,
+            )[0, len(ids) :].tolist()
+        assert outputs[i] == ref, f"prompt {i}: {outputs[i]} != {ref}"
+
+
+def test_token_id_beyond_the_vocabulary_is_refused(smollm2):
+    model, config, _ = smollm2
+    sched_cfg, cache_cfg = SchedulerConfig(max_model_len=64), CacheConfig(num_blocks=8)
+    scheduler = Scheduler(sched_cfg, cache_cfg)
+    runner = get_backend("cpu").build_runner(model, config, cache_cfg, sched_cfg)
+    scheduler.add_request(Request("bad", [1, 2, config.vocab_size], max_tokens=2))
+    with pytest.raises(ValueError, match="^prompt_token_ids: token id 49152 >= vocab_size 49152"):
+        runner.execute(scheduler.schedule())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Prix: 12,99 € — très bon 👍🏽 produit",
+        "日本語のレビュー：とても良い。",
+        " leading space and  double  spaces",
+    ],
+)
+def test_incremental_detokenizer_streams_exact_text(smollm2, text):
+    tok = smollm2[2]
+    prompt = tok.encode("Review:")
+    ids = tok.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, prompt)
+    deltas = [detok.add(t) for t in ids]
+    assert "".join(deltas) == tok.decode(ids) == detok.text
+    assert not any("\ufffd" in d for d in deltas)
+    if any(ord(c) > 0x7FF for c in text):
+        assert "" in deltas  # some token ended mid-character and was held back
