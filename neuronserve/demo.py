@@ -1,61 +1,69 @@
-"""The README's main job: a short demo of what neuronserve does today.
+"""The README's main job: shopping questions answered by the embedded model on CPU.
 
-Runs a shopping-assistant-shaped workload (a shared system prompt, varied questions) through the
-continuous-batching scheduler with a stand-in "model" that samples fixed tokens, and prints what a
-serving engineer watches: batch composition per step, prefix-cache hits, preemptions, KV usage.
+Until the engine lands (its own issue), this drives the pieces directly: the continuous-batching
+scheduler, the CPU backend running SmolLM2-135M-Instruct, and the incremental detokenizer; greedy
+decoding. It prints each answer and the measured throughput.
 """
 
 from __future__ import annotations
 
-import random
 import time
 
-from neuronserve.core import CacheConfig, Request, Scheduler, SchedulerConfig
+from neuronserve.backends import get_backend
+from neuronserve.config import CacheConfig, SchedulerConfig
+from neuronserve.core import Request, Scheduler
+from neuronserve.model.loader import DEFAULT_MODEL, load_model
+from neuronserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+SYSTEM = "You are a helpful shopping assistant. Answer briefly and concretely."
+QUESTIONS = [
+    "What should I look for in running shoes for flat feet?",
+    "Is a cast iron pan dishwasher safe?",
+    "Which is better for a small apartment, a robot vacuum or a stick vacuum?",
+    "How many watts does a blender need to crush ice?",
+    "What size backpack do I need for a weekend hike?",
+    "Are noise-cancelling headphones worth it for commuting?",
+]
+MAX_TOKENS = 64
 
 
 def main() -> None:
-    rng = random.Random(0)
-    system_prompt = [rng.randrange(100, 49000) for _ in range(96)]
-    s = Scheduler(
-        SchedulerConfig(
-            max_num_seqs=16,
-            max_num_batched_tokens=128,
-            max_model_len=512,
-            token_buckets=(16, 32, 64, 128),
-        ),
-        CacheConfig(block_size=16, num_blocks=64),
-    )
-    for i in range(24):
-        question = [rng.randrange(100, 49000) for _ in range(rng.randint(8, 60))]
-        s.add_request(
-            Request(
-                f"q{i}",
-                system_prompt + question,
-                max_tokens=rng.randint(16, 64),
-                priority=0 if i % 6 else 1,
-            )
-        )
-    print("step  bucket  prefill+decode tokens  running  waiting  KV used")
-    t0, steps, finished = time.perf_counter(), 0, 0
-    while s.has_unfinished():
-        out = s.schedule()
-        decode = sum(1 for n in out.num_new_tokens if n == 1)
-        sampled = [rng.randrange(100, 49000) for _ in out.requests]
-        finished += len(s.update(out, sampled))
+    t0 = time.perf_counter()
+    model, config, hf_dir = load_model(DEFAULT_MODEL)
+    tokenizer = Tokenizer.from_dir(hf_dir)
+    print(f"loaded {DEFAULT_MODEL} ({config.num_hidden_layers} layers) in {time.perf_counter() - t0:.1f} s")
+
+    sched_cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512)
+    cache_cfg = CacheConfig(block_size=16, num_blocks=256, enable_prefix_caching=True)
+    scheduler = Scheduler(sched_cfg, cache_cfg)
+    runner = get_backend("cpu").build_runner(model, config, cache_cfg, sched_cfg)
+    detokenizers = {}
+    for i, question in enumerate(QUESTIONS):
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        ids = tokenizer.apply_chat_template(messages)
+        scheduler.add_request(Request(str(i), ids, max_tokens=MAX_TOKENS, eos_token_id=tokenizer.eos_token_id))
+        detokenizers[str(i)] = IncrementalDetokenizer(tokenizer, ids)
+
+    t0, steps, generated, first_token_at = time.perf_counter(), 0, 0, None
+    while scheduler.has_unfinished():
+        out = scheduler.schedule()
+        tokens = runner.execute(out).argmax(-1).tolist()
+        for i, request in enumerate(out.requests):
+            if out.samples(i):
+                detokenizers[request.request_id].add(tokens[i])
+                generated += 1
+                first_token_at = first_token_at or time.perf_counter() - t0
+        scheduler.update(out, tokens)
         steps += 1
-        if steps % 8 == 1:
-            st = s.stats()
-            print(
-                f"{steps:>4}  {out.bucket:>6}  {out.num_scheduled_tokens - decode:>7} + {decode:<12}"
-                f"{st.num_running:>8}  {st.num_waiting:>7}  {st.kv_cache_usage:>6.0%}"
-            )
-        s.block_manager.check_integrity()
-    st = s.stats()
     elapsed = time.perf_counter() - t0
-    print(f"\n{finished} requests in {steps} steps ({elapsed * 1e6 / steps:.0f} µs of scheduling per step)")
+
+    for i, question in enumerate(QUESTIONS):
+        print(f"\nQ: {question}\nA: {detokenizers[str(i)].text.strip()}")
+    stats = scheduler.stats()
     print(
-        f"prefix cache: {st.prefix_cache_hits} of {st.prefix_cache_queries} prompt tokens reused "
-        f"({st.prefix_cache_hits / st.prefix_cache_queries:.0%}); preemptions: {st.num_preemptions}"
+        f"\n{len(QUESTIONS)} requests, {generated} tokens in {elapsed:.1f} s on CPU: "
+        f"{generated / elapsed:.1f} output tok/s over {steps} steps; first token after {first_token_at:.2f} s; "
+        f"prefix cache reused {stats.prefix_cache_hits} of {stats.prefix_cache_queries} prompt tokens"
     )
 
 
