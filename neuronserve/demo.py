@@ -41,7 +41,9 @@ def main() -> None:
     for i, question in enumerate(QUESTIONS):
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
         ids = tokenizer.apply_chat_template(messages)
-        scheduler.add_request(Request(str(i), ids, max_tokens=MAX_TOKENS, eos_token_id=tokenizer.eos_token_id))
+        scheduler.add_request(
+            Request(str(i), ids, max_tokens=MAX_TOKENS, eos_token_id=tokenizer.eos_token_id)
+        )
         detokenizers[str(i)] = IncrementalDetokenizer(tokenizer, ids)
 
     t0, steps, generated, first_token_at = time.perf_counter(), 0, 0, None
@@ -62,7 +64,8 @@ def main() -> None:
     stats = scheduler.stats()
     print(
         f"\n{len(QUESTIONS)} requests, {generated} tokens in {elapsed:.1f} s on CPU: "
-        f"{generated / elapsed:.1f} output tok/s over {steps} steps; first token after {first_token_at:.2f} s; "
+        f"{generated / elapsed:.1f} output tok/s over {steps} steps; "
+        f"first token after {first_token_at:.2f} s; "
         f"prefix cache reused {stats.prefix_cache_hits} of {stats.prefix_cache_queries} prompt tokens"
     )
 
