@@ -181,7 +181,7 @@ class Scheduler:
 
         # 2. Prefill chunks of running requests, then of waiting ones, while budget lasts.
         for request in prefilling:
-            budget = self.token_budget - len(requests) - sum(num_new_tokens[len(requests) :])
+            budget = self.token_budget - sum(num_new_tokens)  # victims unscheduled below still count
             if budget == 0:
                 break
             if request.status is running_status:

@@ -348,3 +348,23 @@ def test_stats_report_the_queue_and_cache(scheduler):
     assert st.num_free_blocks == scheduler.block_manager.num_usable_blocks - 9
     assert st.kv_cache_usage == pytest.approx(9 / 63)
     scheduler.update(out, FakeRunner(4).execute(out))
+
+
+def test_two_running_prefills_share_the_budget_without_exceeding_it():
+    s = make_scheduler(
+        max_num_batched_tokens=16, token_buckets=(8, 16), max_num_seqs=4, enable_prefix_caching=False
+    )
+    a, b = req("a", n_prompt=30, max_tokens=2), req("b", n_prompt=30, max_tokens=2, start=40)
+    for r in (a, b):
+        s.add_request(r)
+    out = s.schedule()
+    assert out.num_new_tokens == [16]
+    s.update(out, {})
+    # Put b mid-prefill too (as a recompute after preemption can leave it), then step.
+    s.waiting.remove(b)
+    assert s.block_manager.allocate(b, 4)
+    b.num_computed_tokens, b.status = 4, a.status
+    s.running.append(b)
+    out = s.schedule()
+    assert out.request_ids == ["a", "b"] and out.num_new_tokens == [14, 2]
+    assert out.num_scheduled_tokens == 16
