@@ -90,9 +90,8 @@ def build_step_inputs(
     slots += [PAD_BLOCK_ID * block_size] * pad_tokens
     query_start_loc += [real_tokens] * (B - real_seqs)
     context_lens += [0] * (B - real_seqs)
-    tables = [
-        list(c.block_table[:width]) + [PAD_BLOCK_ID] * (width - len(c.block_table[:width])) for c in chunks
-    ]
+    tables = [list(c.block_table[:width]) for c in chunks]
+    tables = [t + [PAD_BLOCK_ID] * (width - len(t)) for t in tables]
     tables += [[PAD_BLOCK_ID] * width] * (B - real_seqs)
     logits_indices = [max(0, q - 1) for q in query_start_loc[1 : real_seqs + 1]] + [0] * (B - real_seqs)
 
