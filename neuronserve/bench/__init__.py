@@ -1,0 +1,1 @@
+"""Benchmarking: workloads, clients, metrics and cost (see the benchmark harness issue)."""

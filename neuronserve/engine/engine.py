@@ -1,0 +1,289 @@
+"""The engine: one step schedules, runs the model, samples, advances the scheduler and streams text.
+
+``step()`` is three phases, so that ``AsyncEngine`` can run the middle one (the model, seconds of
+CPU) in a worker thread while requests arrive and leave on the event loop:
+``schedule()`` → ``execute(out)`` (runner + sampler; touches no scheduler state) → ``process(...)``
+(``Scheduler.update``, detokenizer, stop strings, outputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from neuronserve.backends.base import ModelRunner
+from neuronserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from neuronserve.core import FinishReason, Request, Scheduler, SchedulerOutput
+from neuronserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from neuronserve.engine.params import SamplingParams
+from neuronserve.engine.sampler import Sampler, SamplerOutput, SamplingState, TokenLogprobs
+from neuronserve.engine.text import TextStream
+from neuronserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class _Tracked:
+    """The engine's side of one request: sampling state, text, timing."""
+
+    __slots__ = ("request", "params", "prompt", "sampling", "detokenizer", "text", "metrics", "logprobs")
+
+    def __init__(self, request, params, prompt, detokenizer, metrics) -> None:
+        self.request: Request = request
+        self.params: SamplingParams = params
+        self.prompt: str | None = prompt
+        self.sampling = SamplingState.create(params, request.prompt_token_ids, request.output_token_ids)
+        self.detokenizer: IncrementalDetokenizer | None = detokenizer
+        self.text = TextStream(params.stop_strings, params.hold_markup, params.max_markup_chars)
+        self.metrics: RequestMetrics = metrics
+        self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
+
+
+@dataclass
+class StepResult:
+    """What ``execute`` hands to ``process``: the sampled rows of the step and their tokens."""
+
+    rows: list[int]  # batch indices of the requests that got a token
+    sampled: SamplerOutput
+
+
+class Engine:
+    """Continuous batching over one model runner. Not thread-safe: drive it from one thread, or
+    through ``AsyncEngine``."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Tokenizer | None,
+        model_config: ModelConfig,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        seed: int = 0,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        self.scheduler_config = scheduler_config
+        self.cache_config = cache_config
+        self.scheduler = Scheduler(scheduler_config, cache_config)
+        self.sampler = Sampler(seed)
+        self.eos_token_ids = model_config.eos_token_ids
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_token_ids = list(dict.fromkeys([tokenizer.eos_token_id, *self.eos_token_ids]))
+        self.model_dir = None  # the Hugging Face directory the model loaded from, if any
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        backend: str = "cpu",
+        dtype=None,
+        scheduler_config: SchedulerConfig | None = None,
+        cache_config: CacheConfig | None = None,
+        kv_cache_gb: float | None = None,
+        seed: int = 0,
+    ) -> Engine:
+        """Load ``model`` (a name, a Hugging Face directory or a GGUF file) onto ``backend``.
+        ``kv_cache_gb`` (GiB), when given, sizes the KV cache instead of ``cache_config.num_blocks``."""
+        import torch
+
+        from neuronserve.backends import get_backend
+        from neuronserve.model.loader import load_model
+
+        scheduler_config = scheduler_config or SchedulerConfig()
+        cache_config = cache_config or CacheConfig()
+        backend_impl = get_backend(backend)  # unknown names fail before the model loads
+        dtype = dtype or torch.float32
+        module, config, hf_dir = load_model(model, dtype=dtype)
+        if kv_cache_gb is not None:
+            num_blocks = blocks_for_memory(
+                config, scheduler_config, cache_config.block_size, kv_cache_gb, dtype.itemsize
+            )
+            cache_config = dataclasses.replace(cache_config, num_blocks=num_blocks)
+        tokenizer = Tokenizer.from_dir(hf_dir)
+        runner = backend_impl.build_runner(module, config, cache_config, scheduler_config)
+        engine = cls(runner, tokenizer, config, scheduler_config, cache_config, seed=seed)
+        engine.model_dir = hf_dir
+        return engine
+
+    # ---------------------------------------------------------------- requests in and out
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+        cache_salt: str | None = None,
+    ) -> str:
+        """Queue a request and return its id. ``prompt`` is text or token ids. Raises
+        ``ValueError`` naming the bad field, or ``QueueFullError``; nothing is queued then."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        text, token_ids = self._tokenize(prompt)
+        vocab = self.model_config.vocab_size
+        if token_ids and not all(0 <= t < vocab for t in token_ids):
+            bad = next(t for t in token_ids if not 0 <= t < vocab)
+            raise ValueError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})")
+        max_len = self.scheduler_config.max_model_len
+        max_tokens = params.max_tokens or max_len - len(token_ids)
+        if max_tokens < 1:
+            raise ValueError(
+                f"prompt: {len(token_ids)} tokens leave no room to generate within max_model_len={max_len}"
+            )
+        eos, *other_eos = self.eos_token_ids or [None]
+        request = Request(
+            request_id,
+            token_ids,
+            max_tokens=max_tokens,
+            priority=priority,
+            eos_token_id=eos,
+            stop_token_ids=[*params.stop_token_ids, *([] if params.ignore_eos else other_eos)],
+            ignore_eos=params.ignore_eos,
+            cache_salt=cache_salt,
+        )
+        self.scheduler.add_request(request)  # validates; raises before anything is recorded
+        detokenizer = None
+        if self.tokenizer is not None:
+            detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+        metrics = RequestMetrics(
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            num_prompt_tokens=len(token_ids),
+        )
+        self._tracked[request_id] = _Tracked(request, params, text, detokenizer, metrics)
+        return request_id
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: this engine has no tokenizer; pass token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, Sequence) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            return None, list(prompt)
+        raise ValueError(f"prompt: expected text or a list of token ids, got {type(prompt).__name__}")
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Abort a request and free its KV blocks; returns its last output (``None`` if unknown)."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return None
+        self.scheduler.abort(request_id)
+        tracked.metrics.finished_time = time.monotonic()
+        return self._output(tracked, "", [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._tracked)
+
+    # ---------------------------------------------------------------- one step
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return an output for each request that got a token or finished."""
+        out = self.schedule()
+        if not out.requests:
+            return []
+        return self.process(out, self.execute(out))
+
+    def schedule(self) -> SchedulerOutput:
+        out = self.scheduler.schedule()
+        now = time.monotonic()
+        for request in out.requests:
+            metrics = self._tracked[request.request_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+        return out
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Run the model and sample. Reads scheduler state, never writes it."""
+        logits = self.runner.execute(out)
+        rows = [i for i in range(len(out)) if out.samples(i)]
+        states = [self._tracked[out.requests[i].request_id].sampling for i in rows]
+        return StepResult(rows, self.sampler(logits[rows] if len(rows) < len(out) else logits, states))
+
+    def process(self, out: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        tokens: list[int | None] = [None] * len(out)
+        for row, token in zip(result.rows, result.sampled.token_ids):
+            tokens[row] = token
+        self.scheduler.update(out, tokens)
+        now = time.monotonic()
+        outputs = []
+        for row, token, logprobs in zip(result.rows, result.sampled.token_ids, result.sampled.logprobs):
+            request = out.requests[row]
+            tracked = self._tracked.get(request.request_id)
+            if tracked is None:
+                continue  # aborted while the step ran
+            metrics = tracked.metrics
+            metrics.token_times.append(now)
+            metrics.last_token_time = now
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+                metrics.num_cached_tokens = request.num_cached_tokens
+            if tracked.logprobs is not None and logprobs is not None:
+                tracked.logprobs.append(logprobs)
+            stopped_by_token = request.finish_reason is FinishReason.STOP
+            text = ""
+            if tracked.detokenizer is not None and not stopped_by_token:
+                text = tracked.detokenizer.add(token)
+            delta = tracked.text.push(text, final=request.is_finished)
+            if tracked.text.stopped_by is not None and not request.is_finished:
+                self.scheduler.finish_request(request.request_id, FinishReason.STOP)
+            if request.is_finished:
+                metrics.finished_time = now
+                metrics.num_preemptions = request.num_preemptions
+                del self._tracked[request.request_id]
+            outputs.append(self._output(tracked, delta, [token]))
+        return outputs
+
+    def _output(self, tracked: _Tracked, delta_text: str, delta_token_ids: list[int]) -> RequestOutput:
+        request, text = tracked.request, tracked.text
+        reason = request.finish_reason
+        stop_reason: str | int | None = text.stopped_by
+        last = request.output_token_ids[-1] if request.output_token_ids else None
+        if stop_reason is None and reason is FinishReason.STOP and last in tracked.params.stop_token_ids:
+            stop_reason = last
+        completion = CompletionOutput(
+            index=0,
+            text=text.text[: text.released],
+            token_ids=list(request.output_token_ids),
+            finish_reason=None if reason is None else reason.value,
+            stop_reason=stop_reason,
+            logprobs=None if tracked.logprobs is None else list(tracked.logprobs),
+            delta_text=delta_text,
+            delta_token_ids=delta_token_ids,
+        )
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=tracked.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=[completion],
+            finished=reason is not None,
+            metrics=tracked.metrics,
+        )
+
+
+def blocks_for_memory(
+    config: ModelConfig, scheduler_config: SchedulerConfig, block_size: int, gib: float, itemsize: int
+) -> int:
+    """KV blocks (the pad block included) that ``gib`` GiB hold, capped at what ``max_num_seqs``
+    sequences of ``max_model_len`` tokens can use; raises ``ValueError`` if not even one fits."""
+    if gib <= 0:
+        raise ValueError(f"kv_cache_gb: must be > 0, got {gib}")
+    block_bytes = 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim
+    block_bytes *= itemsize
+    blocks_per_seq = -(-scheduler_config.max_model_len // block_size)
+    fit = int(gib * 2**30) // block_bytes
+    if fit < blocks_per_seq + 1:
+        raise ValueError(
+            f"kv_cache_gb: {gib} GiB hold {fit} blocks of {block_size} tokens, fewer than one sequence of "
+            f"max_model_len={scheduler_config.max_model_len} needs ({blocks_per_seq} + the pad block)"
+        )
+    return min(fit, scheduler_config.max_num_seqs * blocks_per_seq + 1)
