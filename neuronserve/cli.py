@@ -6,6 +6,7 @@ neuronserve generate "Is a cast iron pan dishwasher safe?" --chat --max-tokens 1
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -39,7 +40,55 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", default=None, help="a system message (with --chat)")
     _add_model_args(gen)
     _add_sampling_args(gen)
+
+    serve = commands.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("NEURONSERVE_API_KEY"),
+        help="require this key (or $NEURONSERVE_API_KEY)",
+    )
+    serve.add_argument(
+        "--served-model-name", default=None, help="the model name clients send (default: --model)"
+    )
+    serve.add_argument("--max-num-seqs", type=int, default=32, help="most sequences decoded together")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
+    serve.add_argument("--max-waiting", type=int, default=256, help="waiting requests before 429s")
+    serve.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV-cache memory, GiB")
+    serve.add_argument("--no-prefix-caching", action="store_true")
+    serve.add_argument("--log-level", default="info")
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from neuronserve.config import CacheConfig, SchedulerConfig
+    from neuronserve.engine.engine import Engine
+    from neuronserve.server.app import create_app
+
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        max_waiting=args.max_waiting,
+    )
+    cache_config = CacheConfig(enable_prefix_caching=not args.no_prefix_caching)
+
+    def load_engine() -> Engine:
+        return Engine.from_pretrained(
+            args.model,
+            backend=args.backend,
+            scheduler_config=scheduler_config,
+            cache_config=cache_config,
+            kv_cache_gb=args.kv_cache_gb,
+        )
+
+    app = create_app(load_engine, args.served_model_name or args.model, api_key=args.api_key or None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -95,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "serve":
+            return cmd_serve(args)
     except ValueError as exc:  # bad arguments name their field
         print(f"neuronserve: error: {exc}", file=sys.stderr)
         return 2

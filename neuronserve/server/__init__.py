@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn): ``create_app`` and ``neuronserve serve``."""
