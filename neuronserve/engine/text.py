@@ -55,9 +55,11 @@ class TextStream:
         return self.text[self.released :]
 
     def _find_stop(self, search_from: int) -> None:
-        found = [(i, s) for s in self.stop if (i := self.text.find(s, search_from)) != -1]
+        # The stop string that completes first wins (then the one starting first), so the result
+        # does not depend on how the text was split into deltas.
+        found = [(i + len(s), i, s) for s in self.stop if (i := self.text.find(s, search_from)) != -1]
         if found:
-            index, self.stopped_by = min(found)
+            _, index, self.stopped_by = min(found)
             self.text = self.text[:index]
 
     def _stop_prefix_len(self) -> int:
