@@ -116,8 +116,6 @@ def create_app(
     # ---------------------------------------------------------------- errors
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError):
-        if exc.status in (429, 503):
-            metrics.rejected.labels(str(exc.status)).inc()
         return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -153,9 +151,11 @@ def create_app(
                 401, "missing or invalid API key", type="authentication_error", code="invalid_api_key"
             )
 
-    def ready_engine() -> AsyncEngine:
+    def ready_engine(generation: bool = False) -> AsyncEngine:
         if state.engine is not None:
             return state.engine
+        if generation:
+            metrics.rejected.labels("503").inc()
         message = state.load_error or "the model is still loading; retry shortly"
         raise APIError(503, message, type="service_unavailable", headers={"Retry-After": str(retry_after_s)})
 
@@ -175,6 +175,7 @@ def create_app(
                 prompt, params, request_id=f"{prefix}-{uuid.uuid4().hex}", priority=priority
             )
         except QueueFullError as exc:
+            metrics.rejected.labels("429").inc()
             raise APIError(
                 429,
                 f"the server is at capacity ({exc}); retry later",
@@ -213,7 +214,7 @@ def create_app(
 
     @app.post("/v1/completions", dependencies=[Depends(check_api_key)])
     async def completions(body: CompletionRequest, request: Request):
-        engine = ready_engine()
+        engine = ready_engine(generation=True)
         check_model(body.model)
         try:
             prompt = body.single_prompt()
@@ -225,7 +226,7 @@ def create_app(
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_api_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        engine = ready_engine()
+        engine = ready_engine(generation=True)
         check_model(body.model)
         tokenizer = engine.engine.tokenizer
         try:

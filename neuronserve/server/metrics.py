@@ -83,7 +83,7 @@ class ServerMetrics:
         )
         self.rejected = Counter(
             PREFIX + "request_rejected",
-            "Requests refused before admission, by HTTP status.",
+            "Generation requests refused: 429 (queue full) or 503 (model loading).",
             ["status"],
             registry=registry,
         )

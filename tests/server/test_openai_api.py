@@ -278,7 +278,9 @@ def test_503_while_the_model_loads(smollm2):
             r.status_code == 503 and "loading" in r.json()["error"]["message"] and "Retry-After" in r.headers
         )
         assert httpx.post(running.url + "/v1/completions", json={"prompt": "hi"}).status_code == 503
-        assert httpx.get(running.url + "/metrics").status_code == 200
+        metrics = httpx.get(running.url + "/metrics")
+        assert metrics.status_code == 200
+        assert 'neuronserve:request_rejected_total{status="503"} 1.0' in metrics.text  # /health not counted
         release.set()
         for _ in range(200):
             if httpx.get(running.url + "/health").status_code == 200:
