@@ -59,7 +59,154 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV-cache memory, GiB")
     serve.add_argument("--no-prefix-caching", action="store_true")
     serve.add_argument("--log-level", default="info")
+
+    bench = commands.add_parser(
+        "bench", help="benchmark the in-process engine or an OpenAI-compatible server"
+    )
+    target = bench.add_argument_group("target")
+    target.add_argument("--base-url", default=None, help="an OpenAI-compatible server; omit for in-process")
+    target.add_argument("--api-key", default=os.environ.get("NEURONSERVE_API_KEY"))
+    target.add_argument(
+        "--served-model", default=None, help="model name to send (default: the server's first)"
+    )
+    _add_model_args(bench)
+    work = bench.add_argument_group("workload")
+    work.add_argument("--workload", choices=["shopping", "fixed", "random", "jsonl"], default="shopping")
+    work.add_argument("--num-prompts", type=int, default=64)
+    work.add_argument("--input-len", type=int, default=256, help="fixed: prompt tokens")
+    work.add_argument("--output-len", type=int, default=128, help="fixed, shopping: tokens to generate")
+    work.add_argument("--input-range", default="64:512", help="random: low:high prompt tokens")
+    work.add_argument("--output-range", default="32:256", help="random: low:high output tokens")
+    work.add_argument("--jsonl", default=None, help="jsonl: the prompts file")
+    work.add_argument(
+        "--allow-eos", action="store_true", help="stop at end-of-sequence (default: exact lengths)"
+    )
+    work.add_argument("--seed", type=int, default=0)
+    load = bench.add_argument_group("load")
+    load.add_argument("--concurrency", default=None, help="closed loop: in flight, e.g. 1,8,32 (a sweep)")
+    load.add_argument("--request-rate", default=None, help="open loop: requests/s, e.g. 1,2,4 (a sweep)")
+    load.add_argument("--max-concurrency", type=int, default=None, help="open loop: cap in flight")
+    load.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 = Poisson")
+    out = bench.add_argument_group("metrics and cost")
+    out.add_argument("--goodput", nargs="*", default=[], help="SLOs in ms, e.g. ttft:500 tpot:50")
+    out.add_argument("--instance", default=None, help="price the run as this instance (see the price table)")
+    out.add_argument("--reserved", action="store_true", help="use the 1-year reserved price")
+    out.add_argument("--price-per-hour", type=float, default=None, help="the host's $/hour")
+    out.add_argument("--out", default="bench-results", help="directory for JSON, markdown and plot")
+    out.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def _csv(text: str | None, kind) -> list | None:
+    return None if text is None else [kind(v) for v in text.split(",") if v.strip()]
+
+
+def _range(text: str, name: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    try:
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise ValueError(f"{name}: expected low:high, got {text!r}") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from neuronserve.bench import cost, report, workloads
+    from neuronserve.bench.metrics import parse_goodput
+    from neuronserve.bench.sweep import sweep
+
+    slos = parse_goodput(args.goodput)
+    price = args.price_per_hour
+    if args.instance:
+        price = cost.price_per_hour(args.instance, "reserved_1yr" if args.reserved else "on_demand")
+    concurrencies = _csv(args.concurrency, int)
+    rates = _csv(args.request_rate, float)
+    if concurrencies and rates:
+        raise ValueError("concurrency: give --concurrency or --request-rate, not both")
+    if not concurrencies and not rates:
+        concurrencies = [8]
+
+    tokenizer = None
+    if args.workload in ("fixed", "random"):
+        from neuronserve.model.loader import convert_gguf, resolve_model_path
+        from neuronserve.model.tokenizer import Tokenizer
+
+        path = resolve_model_path(args.model)
+        tokenizer = Tokenizer.from_dir(convert_gguf(path) if path.suffix == ".gguf" else path)
+    if args.workload == "shopping":
+        specs = workloads.shopping(args.num_prompts, args.output_len, seed=args.seed)
+    elif args.workload == "fixed":
+        specs = workloads.fixed(args.num_prompts, args.input_len, args.output_len, args.seed, tokenizer)
+    elif args.workload == "random":
+        specs = workloads.random_lengths(
+            args.num_prompts,
+            _range(args.input_range, "input_range"),
+            _range(args.output_range, "output_range"),
+            args.seed,
+            tokenizer,
+        )
+    else:
+        if not args.jsonl:
+            raise ValueError("jsonl: --workload jsonl needs --jsonl FILE")
+        specs = workloads.jsonl(args.jsonl, args.output_len)
+
+    async def main() -> tuple[str, list[dict]]:
+        from neuronserve.bench.clients import EngineClient, OpenAIClient
+
+        if args.base_url:
+            client = OpenAIClient(
+                args.base_url, args.served_model, args.api_key, ignore_eos=not args.allow_eos
+            )
+        else:
+            from neuronserve.config import SchedulerConfig
+            from neuronserve.engine.async_engine import AsyncEngine
+            from neuronserve.engine.engine import Engine
+
+            most = max(concurrencies or [args.max_concurrency or 32])
+            engine = Engine.from_pretrained(
+                args.model,
+                backend=args.backend,
+                scheduler_config=SchedulerConfig(
+                    max_num_seqs=min(most, 64), max_model_len=args.max_model_len, max_waiting=None
+                ),
+                kv_cache_gb=1.0,
+            )
+            client = EngineClient(AsyncEngine(engine), ignore_eos=not args.allow_eos)
+        async with client:
+            runs = await sweep(
+                client,
+                specs,
+                concurrencies=concurrencies,
+                request_rates=rates,
+                max_concurrency=args.max_concurrency,
+                burstiness=args.burstiness,
+                slos=slos,
+                price_per_hour=price,
+                seed=args.seed,
+                progress=not args.no_progress,
+            )
+        return client.name, runs
+
+    name, runs = asyncio.run(main())
+    out = Path(args.out)
+    report.write_json(
+        out / "bench.json",
+        {"target": name, "workload": args.workload, "num_prompts": len(specs), "slos_ms": slos, "runs": runs},
+    )
+    table = report.markdown_table(runs)
+    (out / "bench.md").write_text(f"# {name}: {args.workload}, {len(specs)} prompts\n\n{table}\n")
+    x_key = "concurrency" if concurrencies else "request_rate"
+    report.plot({name: runs}, out / "bench.png", x_key=x_key)
+    print(table)
+    for run in runs:
+        if run["stopped_early"]:
+            print(f"stopped early: {run['stopped_early']}", file=sys.stderr)
+        for error in run["errors"]:
+            print(f"error: {error}", file=sys.stderr)
+    print(f"wrote {out}/bench.json, bench.md, bench.png")
+    return 1 if any(r["stopped_early"] for r in runs) else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -146,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "bench":
+            return cmd_bench(args)
     except ValueError as exc:  # bad arguments name their field
         print(f"neuronserve: error: {exc}", file=sys.stderr)
         return 2
