@@ -36,6 +36,14 @@ class CPUModelRunner(ModelRunner):
         dtype = cache_dtype or next(model.parameters()).dtype
         shape = model.kv_cache_shape(cache_config.num_blocks, cache_config.block_size)
         self.kv_cache = torch.zeros(shape, dtype=dtype)
+        self._gather_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _workspace(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reused buffers the decode attention gathers K and V blocks into (see EagerAttentionPlan)."""
+        if self._gather_buffers is None or self._gather_buffers[0].shape[0] < num_blocks:
+            shape = (max(num_blocks, 64), *self.kv_cache.shape[3:])  # (blocks, block_size, kvh, hd)
+            self._gather_buffers = (self.kv_cache.new_empty(shape), self.kv_cache.new_empty(shape))
+        return self._gather_buffers
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -49,6 +57,7 @@ class CPUModelRunner(ModelRunner):
         inputs = build_step_inputs(chunks, self.cache_config.block_size)
         check_token_ids(inputs, self.model_config.vocab_size)
         plan = eager_attention_plan(chunks, self.cache_config.block_size)
+        plan.workspace = self._workspace(plan.num_decode_tokens * inputs.block_tables.shape[1])
         logits, _ = self.model(*inputs.as_args(), self.kv_cache, plan=plan)
         return logits[: inputs.num_seqs]
 
