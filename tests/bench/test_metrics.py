@@ -80,9 +80,11 @@ def test_price_table_has_every_instance_with_a_source():
     expected |= {"trn1.2xlarge", "trn1.32xlarge", "trn2.48xlarge"}
     assert set(table) == expected
     for entry in table.values():
-        assert entry["on_demand"] > 0 and entry["source"].startswith("https://")
+        assert entry["on_demand"] > 0 and entry["source"].startswith("https://") and entry["as_of"]
+        assert entry["reserved_1yr"] is None or 0 < entry["reserved_1yr"] < entry["on_demand"]
     assert price_per_hour("inf2.xlarge") == table["inf2.xlarge"]["on_demand"]
+    assert price_per_hour("inf2.xlarge", "reserved_1yr") == table["inf2.xlarge"]["reserved_1yr"]
     with pytest.raises(ValueError, match="^instance: unknown 'p5.48xlarge'"):
         price_per_hour("p5.48xlarge")
-    with pytest.raises(ValueError, match="no reserved_1yr price"):
-        price_per_hour("inf2.xlarge", "reserved_1yr")
+    with pytest.raises(ValueError, match="no reserved_1yr price for trn2.48xlarge"):
+        price_per_hour("trn2.48xlarge", "reserved_1yr")
