@@ -49,30 +49,18 @@ class ServerMetrics:
     def __init__(self, get_engine: Callable) -> None:
         """``get_engine`` returns the ``Engine`` once it is loaded (``None`` before)."""
         self.registry = registry = CollectorRegistry()
-        self.ttft = Histogram(
-            PREFIX + "time_to_first_token_seconds",
-            "Seconds from arrival to the first generated token.",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+            return Histogram(PREFIX + name, doc, buckets=buckets, registry=registry)
+
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Seconds from arrival to the first generated token."
         )
-        self.itl = Histogram(
-            PREFIX + "inter_token_latency_seconds",
-            "Seconds between consecutive generated tokens.",
-            buckets=ITL_BUCKETS,
-            registry=registry,
+        self.itl = histogram(
+            "inter_token_latency_seconds", "Seconds between consecutive tokens.", ITL_BUCKETS
         )
-        self.e2e = Histogram(
-            PREFIX + "e2e_request_latency_seconds",
-            "Seconds from arrival to finish.",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.queue = Histogram(
-            PREFIX + "request_queue_time_seconds",
-            "Seconds from arrival to first scheduled.",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
+        self.e2e = histogram("e2e_request_latency_seconds", "Seconds from arrival to finish.")
+        self.queue = histogram("request_queue_time_seconds", "Seconds from arrival to first scheduled.")
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed.", registry=registry)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", registry=registry)
         self.request_success = Counter(
