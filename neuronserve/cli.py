@@ -109,24 +109,8 @@ def _range(text: str, name: str) -> tuple[int, int]:
         raise ValueError(f"{name}: expected low:high, got {text!r}") from None
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    import asyncio
-    from pathlib import Path
-
-    from neuronserve.bench import cost, report, workloads
-    from neuronserve.bench.metrics import parse_goodput
-    from neuronserve.bench.sweep import sweep
-
-    slos = parse_goodput(args.goodput)
-    price = args.price_per_hour
-    if args.instance:
-        price = cost.price_per_hour(args.instance, "reserved_1yr" if args.reserved else "on_demand")
-    concurrencies = _csv(args.concurrency, int)
-    rates = _csv(args.request_rate, float)
-    if concurrencies and rates:
-        raise ValueError("concurrency: give --concurrency or --request-rate, not both")
-    if not concurrencies and not rates:
-        concurrencies = [8]
+def _bench_specs(args: argparse.Namespace) -> list:
+    from neuronserve.bench import workloads
 
     tokenizer = None
     if args.workload in ("fixed", "random"):
@@ -151,6 +135,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not args.jsonl:
             raise ValueError("jsonl: --workload jsonl needs --jsonl FILE")
         specs = workloads.jsonl(args.jsonl, args.output_len)
+    return specs
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from neuronserve.bench import cost, report
+    from neuronserve.bench.metrics import parse_goodput
+    from neuronserve.bench.sweep import sweep
+
+    slos = parse_goodput(args.goodput)
+    price = args.price_per_hour
+    if args.instance:
+        price = cost.price_per_hour(args.instance, "reserved_1yr" if args.reserved else "on_demand")
+    concurrencies = _csv(args.concurrency, int)
+    rates = _csv(args.request_rate, float)
+    if concurrencies and rates:
+        raise ValueError("concurrency: give --concurrency or --request-rate, not both")
+    if not concurrencies and not rates:
+        concurrencies = [8]
+
+    specs = _bench_specs(args)
 
     async def main() -> tuple[str, list[dict]]:
         from neuronserve.bench.clients import EngineClient, OpenAIClient

@@ -113,33 +113,7 @@ def create_app(
     app.state.neuronserve = state
     app.state.metrics = metrics
 
-    # ---------------------------------------------------------------- errors
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError):
-        return _error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return _error_response(APIError(400, "the request body is not valid JSON"))
-        parts, param = [], None
-        for e in errors[:4]:
-            loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-            param = param or loc or None
-            loc = loc or "body"
-            parts.append(f"{loc}: {e.get('msg', 'invalid')}")
-        return _error_response(APIError(400, "; ".join(parts), param=param))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(APIError(exc.status_code, str(exc.detail), type=kind))
-
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception):
-        logger.exception("unhandled error")
-        return _error_response(APIError(500, "internal server error", type="internal_error"))
+    _install_error_handlers(app)
 
     # ---------------------------------------------------------------- dependencies
     def check_api_key(authorization: str | None = Header(default=None)) -> None:
@@ -242,6 +216,37 @@ def create_app(
         return await _respond(engine, request_id, request, fmt, body, metrics)
 
     return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves in OpenAI's shape; none carries a traceback."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return _error_response(APIError(400, "the request body is not valid JSON"))
+        parts, param = [], None
+        for e in errors[:4]:
+            loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            param = param or loc or None
+            loc = loc or "body"
+            parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+        return _error_response(APIError(400, "; ".join(parts), param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception):
+        logger.exception("unhandled error")
+        return _error_response(APIError(500, "internal server error", type="internal_error"))
 
 
 # -------------------------------------------------------------------- responses
