@@ -18,6 +18,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="cpu")
     parser.add_argument("--max-model-len", type=int, default=2048, help="most tokens per sequence")
     parser.add_argument("--quantization", choices=["int8", "fp8", "int4"], default=None, help="weight-only")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "int8", "fp8"], default="auto")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -175,7 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 args.base_url, args.served_model, args.api_key, ignore_eos=not args.allow_eos
             )
         else:
-            from neuronserve.config import SchedulerConfig
+            from neuronserve.config import CacheConfig, SchedulerConfig
             from neuronserve.engine.async_engine import AsyncEngine
             from neuronserve.engine.engine import Engine
 
@@ -186,6 +187,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 scheduler_config=SchedulerConfig(
                     max_num_seqs=min(most, 64), max_model_len=args.max_model_len, max_waiting=None
                 ),
+                cache_config=CacheConfig(cache_dtype=args.kv_cache_dtype),
                 kv_cache_gb=1.0,
                 quantization=args.quantization,
             )
@@ -253,7 +255,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         max_waiting=args.max_waiting,
     )
-    cache_config = CacheConfig(enable_prefix_caching=not args.no_prefix_caching)
+    cache_config = CacheConfig(
+        enable_prefix_caching=not args.no_prefix_caching, cache_dtype=args.kv_cache_dtype
+    )
 
     def load_engine() -> Engine:
         return Engine.from_pretrained(
@@ -292,7 +296,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.model,
         backend=args.backend,
         scheduler_config=scheduler_config,
-        cache_config=CacheConfig(),
+        cache_config=CacheConfig(cache_dtype=args.kv_cache_dtype),
         kv_cache_gb=0.5,
         quantization=args.quantization,
     )

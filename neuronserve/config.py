@@ -71,11 +71,14 @@ class CacheConfig:
         num_blocks: blocks in the pool, including block 0, which is reserved as the pad block that
             padding tokens write to and block tables are padded with.
         enable_prefix_caching: reuse KV blocks of identical prompt prefixes across requests.
+        cache_dtype: ``auto`` (the model's dtype), ``int8`` or ``fp8`` (e4m3): one byte per value,
+            with a calibrated scale per layer and head.
     """
 
     block_size: int = 16
     num_blocks: int = 1024
     enable_prefix_caching: bool = True
+    cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}")
@@ -83,6 +86,11 @@ class CacheConfig:
             self.num_blocks >= 2,
             "num_blocks",
             f"must be >= 2 (block 0 is the reserved pad block), got {self.num_blocks}",
+        )
+        _require(
+            self.cache_dtype in ("auto", "int8", "fp8"),
+            "cache_dtype",
+            f"must be auto, int8 or fp8, got {self.cache_dtype!r}",
         )
 
     @property

@@ -43,6 +43,8 @@ class LLM:
             (int4 in groups of 32); ``None`` keeps ``dtype``.
         modules_to_not_convert: name fragments of linear layers left unquantized (default: the
             embedding and the LM head; ``[]`` quantizes the LM head too).
+        kv_cache_dtype: ``auto`` (the weights' dtype), ``int8`` or ``fp8``: one byte per cached
+            value, so ``kv_cache_gb`` holds 4x the blocks of an fp32 cache.
         seed: seed of the sampler shared by requests without their own ``seed``.
     """
 
@@ -61,6 +63,7 @@ class LLM:
         token_buckets: Sequence[int] | None = None,
         quantization: str | None = None,
         modules_to_not_convert: Sequence[str] | None = None,
+        kv_cache_dtype: str = "auto",
         seed: int = 0,
     ) -> None:
         scheduler_config = SchedulerConfig(
@@ -71,7 +74,10 @@ class LLM:
             max_waiting=None,
         )
         cache_config = CacheConfig(
-            block_size=block_size, num_blocks=num_blocks or 2, enable_prefix_caching=enable_prefix_caching
+            block_size=block_size,
+            num_blocks=num_blocks or 2,
+            enable_prefix_caching=enable_prefix_caching,
+            cache_dtype=kv_cache_dtype,
         )
         self.engine = Engine.from_pretrained(
             model,

@@ -33,7 +33,7 @@ class CPUModelRunner(ModelRunner):
         self.model_config = model_config
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
-        dtype = cache_dtype or next(model.parameters()).dtype
+        dtype = cache_dtype or kv_cache_torch_dtype(cache_config, next(model.parameters()).dtype)
         shape = model.kv_cache_shape(cache_config.num_blocks, cache_config.block_size)
         self.kv_cache = torch.zeros(shape, dtype=dtype)
         self._gather_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -60,6 +60,10 @@ class CPUModelRunner(ModelRunner):
         plan.workspace = self._workspace(plan.num_decode_tokens * inputs.block_tables.shape[1])
         logits, _ = self.model(*inputs.as_args(), self.kv_cache, plan=plan)
         return logits[: inputs.num_seqs]
+
+
+def kv_cache_torch_dtype(cache_config: CacheConfig, model_dtype: torch.dtype) -> torch.dtype:
+    return {"auto": model_dtype, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[cache_config.cache_dtype]
 
 
 def check_token_ids(inputs: StepInputs, vocab_size: int) -> None:

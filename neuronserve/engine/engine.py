@@ -112,12 +112,19 @@ class Engine:
                 DEFAULT_MODULES_TO_NOT_CONVERT if modules_to_not_convert is None else modules_to_not_convert
             )
             quantize_model(module, quantization, skip, group_size=32)
+        tokenizer = Tokenizer.from_dir(hf_dir)
+        if cache_config.cache_dtype != "auto":
+            from neuronserve.backends.cpu import kv_cache_torch_dtype
+            from neuronserve.quant.kv import CALIBRATION_TEXT, calibrate_kv_scales
+
+            kv_dtype = kv_cache_torch_dtype(cache_config, dtype)
+            calibrate_kv_scales(module, tokenizer.encode(CALIBRATION_TEXT), kv_dtype)
+        itemsize = 1 if cache_config.cache_dtype != "auto" else dtype.itemsize
         if kv_cache_gb is not None:
             num_blocks = blocks_for_memory(
-                config, scheduler_config, cache_config.block_size, kv_cache_gb, dtype.itemsize
+                config, scheduler_config, cache_config.block_size, kv_cache_gb, itemsize
             )
             cache_config = dataclasses.replace(cache_config, num_blocks=num_blocks)
-        tokenizer = Tokenizer.from_dir(hf_dir)
         runner = backend_impl.build_runner(module, config, cache_config, scheduler_config)
         engine = cls(runner, tokenizer, config, scheduler_config, cache_config, seed=seed)
         engine.model_dir = hf_dir

@@ -52,6 +52,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors as their bytes: index_copy_/index_select have no float8 kernels on CPU."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _gather(cache: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Whole blocks ``cache[index]`` (index_select: each block is one contiguous run of memory)."""
+    if out is None:
+        return _raw(cache).index_select(0, index).view(cache.dtype)
+    torch.index_select(_raw(cache), 0, index, out=_raw(out))
+    return out
+
+
 @dataclass
 class EagerAttentionPlan:
     """Optional, eager-only: how to split a step's attention for speed on CPU.
@@ -98,6 +111,22 @@ class Attention(nn.Module):
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        # Per-head scales of a quantized (int8 / fp8) KV cache, [K or V, kvh]; set by
+        # neuronserve.quant.kv.calibrate_kv_scales. Unused with a float cache.
+        self.register_buffer("kv_scale", torch.ones(2, self.num_kv_heads), persistent=False)
+
+    def _store(self, x: torch.Tensor, which: int, dtype: torch.dtype) -> torch.Tensor:
+        """``x (..., kvh, hd)`` in the cache's dtype: quantized with the head's scale if integer/fp8."""
+        if dtype == torch.int8:
+            return (x / self.kv_scale[which][:, None]).round().clamp(-127, 127).to(dtype)
+        if dtype == torch.float8_e4m3fn:
+            return (x / self.kv_scale[which][:, None]).clamp(-448, 448).to(dtype)
+        return x.to(dtype)
+
+    def _load(self, x: torch.Tensor, which: int, dtype: torch.dtype) -> torch.Tensor:
+        if x.dtype in (torch.int8, torch.float8_e4m3fn):
+            return x.to(dtype) * self.kv_scale[which][:, None].to(dtype)
+        return x.to(dtype)
 
     def forward(
         self,
@@ -120,8 +149,8 @@ class Attention(nn.Module):
         # Write the new tokens' K/V into their slots, then read every context from the cache.
         k_cache = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # (slots, kvh, hd)
         v_cache = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
-        k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        _raw(k_cache).index_copy_(0, slot_mapping, _raw(self._store(k, 0, k_cache.dtype)))
+        _raw(v_cache).index_copy_(0, slot_mapping, _raw(self._store(v, 1, v_cache.dtype)))
         if plan is None:
             out = self._gathered_attention(q, kv_cache, context_block_tables, attn_mask)
         else:
@@ -137,18 +166,18 @@ class Attention(nn.Module):
         # memory speed; advanced indexing (cache[tables]) measured ~4x slower on CPU.
         flat = context_block_tables.reshape(-1)
         if workspace is None:
-            keys, values = kv_cache[0].index_select(0, flat), kv_cache[1].index_select(0, flat)
+            keys, values = _gather(kv_cache[0], flat), _gather(kv_cache[1], flat)
         else:
             n = flat.shape[0]
-            keys = torch.index_select(kv_cache[0], 0, flat, out=workspace[0][:n])
-            values = torch.index_select(kv_cache[1], 0, flat, out=workspace[1][:n])
+            keys = _gather(kv_cache[0], flat, out=workspace[0][:n])
+            values = _gather(kv_cache[1], flat, out=workspace[1][:n])
         keys = keys.view(T, -1, self.num_kv_heads, self.head_dim)  # (T, L, kvh, hd)
         values = values.view(T, -1, self.num_kv_heads, self.head_dim)
         # Grouped-query attention: each KV head serves num_heads / num_kv_heads query heads.
         group = self.num_heads // self.num_kv_heads
         q = q.view(T, self.num_kv_heads, group, self.head_dim)  # (T, kvh, g, hd)
-        keys = keys.transpose(1, 2).to(q.dtype)  # (T, kvh, L, hd)
-        values = values.transpose(1, 2).to(q.dtype)
+        keys = self._load(keys, 0, q.dtype).transpose(1, 2)  # (T, kvh, L, hd)
+        values = self._load(values, 1, q.dtype).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=self.scale)
         return out.reshape(T, self.num_heads, self.head_dim)
 
@@ -161,13 +190,13 @@ class Attention(nn.Module):
             tables = context_block_tables[:d]
             parts.append(self._gathered_attention(q[:d], kv_cache, tables, attn_mask[:d], plan.workspace))
         for start, end, context_len, blocks in plan.prefill_segments:
-            keys = kv_cache[0][blocks].flatten(0, 1)[:context_len]  # (ctx, kvh, hd)
-            values = kv_cache[1][blocks].flatten(0, 1)[:context_len]
+            keys = _gather(kv_cache[0], blocks).flatten(0, 1)[:context_len]  # (ctx, kvh, hd)
+            values = _gather(kv_cache[1], blocks).flatten(0, 1)[:context_len]
             mask = torch.arange(context_len)[None, :] <= positions[start:end, None]  # causal, (n, ctx)
             out = F.scaled_dot_product_attention(
                 q[start:end].transpose(0, 1),  # (nh, n, hd)
-                keys.transpose(0, 1).to(q.dtype),  # (kvh, ctx, hd)
-                values.transpose(0, 1).to(q.dtype),
+                self._load(keys, 0, q.dtype).transpose(0, 1),  # (kvh, ctx, hd)
+                self._load(values, 1, q.dtype).transpose(0, 1),
                 attn_mask=mask,
                 scale=self.scale,
                 enable_gqa=True,

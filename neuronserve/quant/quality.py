@@ -20,9 +20,12 @@ class TextScore:
 
 
 @torch.inference_mode()
-def score_text(model, token_ids: Sequence[int], window: int = 512, block_size: int = 16) -> TextScore:
+def score_text(
+    model, token_ids: Sequence[int], window: int = 512, block_size: int = 16, kv_dtype=torch.float32
+) -> TextScore:
     """Perplexity of ``token_ids`` under ``model``, in non-overlapping windows of ``window`` tokens
-    (each window starts from an empty context), through the model's own paged forward."""
+    (each window starts from an empty context), through the model's own paged forward, with a KV
+    cache of ``kv_dtype`` (int8 / fp8 need calibrated scales, see ``neuronserve.quant.kv``)."""
     nll, count, argmaxes = 0.0, 0, []
     num_blocks = -(-window // block_size)
     for start in range(0, len(token_ids) - 1, window):
@@ -30,7 +33,7 @@ def score_text(model, token_ids: Sequence[int], window: int = 512, block_size: i
         if len(chunk) < 2:
             break
         inputs = build_step_inputs([SeqChunk(chunk[:-1], 0, list(range(1, num_blocks + 1)))], block_size)
-        kv = torch.zeros(model.kv_cache_shape(num_blocks + 1, block_size))
+        kv = torch.zeros(model.kv_cache_shape(num_blocks + 1, block_size)).to(kv_dtype)
         every_position = torch.arange(len(chunk) - 1)
         args = (*inputs.as_args()[:-1], every_position)  # logits at every position, not just the last
         logits, _ = model(*args, kv)
