@@ -9,8 +9,9 @@ The kernel is picked per call from the number of rows, because what is fast depe
 on the 2-core AVX2 machine): ``_weight_int8pack_mm`` with bf16 activations reads the weights at about
 twice fp32's speed for a few rows (decode) but falls behind fp32 GEMM by 32 rows, and is 8x slower
 with fp32 activations; so small batches use the packed kernel and larger ones dequantize once and
-run fp32 GEMM. ``_weight_int4pack_mm_for_cpu`` only breaks even with fp32 here, and fp8 has no CPU
-kernel: those two are about bytes stored (and Neuron fidelity), not CPU speed.
+run fp32 GEMM. int4 uses ``_weight_int4pack_mm_for_cpu`` the same way (it only breaks even with
+fp32 here); fp8 has no CPU kernel and is dequantized on every call: int4 and fp8 are about bytes
+stored (and, for fp8, Neuron fidelity), not CPU speed.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(out_features, groups))
         self.register_buffer("minimum", torch.zeros(out_features, groups))
+        self._kernel_weights: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> Int4Linear:
@@ -143,8 +145,33 @@ class Int4Linear(QuantizedLinear):
         q = q.view(self.out_features, -1, self.group_size).float()
         return (q * self.scale[..., None] + self.minimum[..., None]).view(self.out_features, self.in_features)
 
+    def _packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights in ``_weight_int4pack_mm_for_cpu``'s layout, built on first use: its format
+        computes ``(q - 8) * scale + zero``, so zero = minimum + 8 * scale."""
+        if self._kernel_weights is None:
+            q = torch.stack([self.qweight & 0xF, self.qweight >> 4], dim=-1).view(self.out_features, -1)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            zero = self.minimum + 8 * self.scale
+            scale_zero = (
+                torch.stack([self.scale, zero], dim=-1).transpose(0, 1).contiguous()
+            )  # (groups, out, 2)
+            self._kernel_weights = (packed, scale_zero.to(torch.bfloat16))
+        return self._kernel_weights
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._kernel_weights = None
+        super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_bias(F.linear(x, self.dequantize().to(x.dtype)))
+        rows = x.numel() // x.shape[-1]
+        if rows <= INT8_KERNEL_MAX_ROWS:
+            packed, scale_zero = self._packed()
+            flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, scale_zero)
+            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantize().to(x.dtype))
+        return self._add_bias(y)
 
 
 METHODS: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "fp8": FP8Linear, "int4": Int4Linear}
