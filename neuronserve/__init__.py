@@ -5,6 +5,8 @@
 Heavy parts (torch, transformers) load lazily, so ``import neuronserve.core`` needs no torch.
 """
 
+from neuronserve._lazy import lazy_attributes
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -18,9 +20,4 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -3,6 +3,7 @@
 ``SamplingParams`` imports nothing heavy; the rest loads torch, so it is imported on first use.
 """
 
+from neuronserve._lazy import lazy_attributes
 from neuronserve.engine.params import SamplingParams
 
 _LAZY = {
@@ -17,9 +18,4 @@ _LAZY = {
 __all__ = ["SamplingParams", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
