@@ -264,9 +264,21 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def tie_weights(self) -> None:
-        """Share the embedding with the LM head when the config says so (again after ``to_empty``)."""
-        if self.config.tie_word_embeddings:
+        """Share the embedding with the LM head when the config says so (again after ``to_empty``);
+        a quantized LM head keeps its own weights."""
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.embed_tokens.weight
+
+    def materialize(self) -> LlamaForCausalLM:
+        """Allocate a model built on the meta device (weights uninitialized: load them next), tie the
+        LM head again and set the buffers no checkpoint holds: RoPE frequencies, KV-cache scales."""
+        self.to_empty(device="cpu")
+        self.tie_weights()
+        with torch.no_grad():
+            self.inv_freq.copy_(rope_inv_freq(self.config))
+            for layer in self.layers:
+                layer.self_attn.kv_scale.fill_(1.0)
+        return self
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         c = self.config

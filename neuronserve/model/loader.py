@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from neuronserve.config import ModelConfig
-from neuronserve.model.llama import LlamaForCausalLM, rope_inv_freq
+from neuronserve.model.llama import LlamaForCausalLM
 from neuronserve.quant.io import is_quantized_dir, load_quantized
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -66,9 +66,7 @@ def load_model(
     config = read_hf_config(hf_dir)
     with torch.device("meta"):
         module = LlamaForCausalLM(config)
-    module = module.to_empty(device="cpu")  # no random init: every weight is loaded below
-    module.tie_weights()
-    module.inv_freq.copy_(rope_inv_freq(config))  # a buffer, not a checkpoint tensor
+    module.materialize()  # no random init: every weight is loaded below
     module.load_weights(iter_hf_weights(hf_dir))
     return module.to(dtype).eval(), config, hf_dir
 

@@ -47,7 +47,7 @@ def load_quantized(path: Path):
     """The quantized model in ``path`` with its config (no quantization is recomputed)."""
     from safetensors.torch import load_model as load_safetensors
 
-    from neuronserve.model.llama import LlamaForCausalLM, rope_inv_freq
+    from neuronserve.model.llama import LlamaForCausalLM
     from neuronserve.model.loader import read_hf_config
     from neuronserve.quant import quantize_model
 
@@ -55,12 +55,10 @@ def load_quantized(path: Path):
     if spec.get("format") != "neuronserve":
         raise ValueError(f"model: {path / QUANT_CONFIG} is not a neuronserve quantization config")
     config = read_hf_config(Path(path))
-    with torch.device("meta"):
-        module = LlamaForCausalLM(config)
-    module = module.to_empty(device="cpu")
-    module.tie_weights()
-    # Build the quantized layers' structure (the values are overwritten by the load below).
-    quantize_model(module, spec["method"], spec["modules_to_not_convert"], spec["group_size"])
+    with torch.device("meta"):  # the quantized layers' structure, without computing any quantization
+        module = quantize_model(
+            LlamaForCausalLM(config), spec["method"], spec["modules_to_not_convert"], spec["group_size"]
+        )
+    module.materialize()
     load_safetensors(module, str(Path(path) / "model.safetensors"), strict=True)
-    module.inv_freq.copy_(rope_inv_freq(config))
     return module.eval(), config
