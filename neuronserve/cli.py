@@ -229,12 +229,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from neuronserve.model.loader import load_model
-    from neuronserve.quant import DEFAULT_MODULES_TO_NOT_CONVERT, quantize_model
+    from neuronserve.quant import quantize_model
     from neuronserve.quant.io import save_quantized
 
     started = time.perf_counter()
     model, _, hf_dir = load_model(args.model)
-    skip = ["embed_tokens"] if args.quantize_lm_head else DEFAULT_MODULES_TO_NOT_CONVERT
+    skip = ["embed_tokens"] if args.quantize_lm_head else None
     quantize_model(model, args.dtype, skip, group_size=args.group_size)
     out = save_quantized(model, hf_dir, args.out)
     size = (out / "model.safetensors").stat().st_size / 1e6

@@ -13,6 +13,11 @@ from neuronserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from neuronserve.core import SchedulerOutput
 
 
+def kv_cache_torch_dtype(cache_config: CacheConfig, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type: ``auto`` follows the weights; ``int8``/``fp8`` are one byte."""
+    return {"auto": model_dtype, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[cache_config.cache_dtype]
+
+
 class ModelRunner(ABC):
     """Runs one scheduled step on a device and returns the logits of each scheduled sequence."""
 

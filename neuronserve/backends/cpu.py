@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from neuronserve.backends.base import Backend, ModelRunner, register_backend
+from neuronserve.backends.base import Backend, ModelRunner, kv_cache_torch_dtype, register_backend
 from neuronserve.backends.cpu_layout import use_transposed_linears
 from neuronserve.backends.inputs import (
     StepInputs,
@@ -60,10 +60,6 @@ class CPUModelRunner(ModelRunner):
         plan.workspace = self._workspace(plan.num_decode_tokens * inputs.block_tables.shape[1])
         logits, _ = self.model(*inputs.as_args(), self.kv_cache, plan=plan)
         return logits[: inputs.num_seqs]
-
-
-def kv_cache_torch_dtype(cache_config: CacheConfig, model_dtype: torch.dtype) -> torch.dtype:
-    return {"auto": model_dtype, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[cache_config.cache_dtype]
 
 
 def check_token_ids(inputs: StepInputs, vocab_size: int) -> None:

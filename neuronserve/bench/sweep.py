@@ -6,6 +6,7 @@ import math
 
 from neuronserve.bench.cost import add_costs
 from neuronserve.bench.metrics import summarize
+from neuronserve.bench.report import load_label
 from neuronserve.bench.runner import run
 from neuronserve.bench.workloads import RequestSpec
 
@@ -33,7 +34,7 @@ async def sweep(
         loads = [(max_concurrency, rate) for rate in (request_rates or [math.inf])]
     results = []
     for concurrency, rate in loads:
-        label = f"{concurrency} concurrent" if math.isinf(rate) else f"{rate:g} req/s"
+        label = load_label({"concurrency": concurrency, "request_rate": rate})
         result = await run(
             client,
             specs,

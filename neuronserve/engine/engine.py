@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from neuronserve.backends.base import ModelRunner
+from neuronserve.backends.base import ModelRunner, kv_cache_torch_dtype
 from neuronserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from neuronserve.core import FinishReason, Request, Scheduler, SchedulerOutput
 from neuronserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -106,23 +106,18 @@ class Engine:
         if quantization is not None and stored is not None:
             raise ValueError(f"quantization: {model} is already quantized ({stored['method']})")
         if quantization is not None:
-            from neuronserve.quant import DEFAULT_MODULES_TO_NOT_CONVERT, quantize_model
+            from neuronserve.quant import quantize_model
 
-            skip = (
-                DEFAULT_MODULES_TO_NOT_CONVERT if modules_to_not_convert is None else modules_to_not_convert
-            )
-            quantize_model(module, quantization, skip, group_size=32)
+            quantize_model(module, quantization, modules_to_not_convert)
         tokenizer = Tokenizer.from_dir(hf_dir)
+        kv_dtype = kv_cache_torch_dtype(cache_config, dtype)
         if cache_config.cache_dtype != "auto":
-            from neuronserve.backends.cpu import kv_cache_torch_dtype
             from neuronserve.quant.kv import CALIBRATION_TEXT, calibrate_kv_scales
 
-            kv_dtype = kv_cache_torch_dtype(cache_config, dtype)
             calibrate_kv_scales(module, tokenizer.encode(CALIBRATION_TEXT), kv_dtype)
-        itemsize = 1 if cache_config.cache_dtype != "auto" else dtype.itemsize
         if kv_cache_gb is not None:
             num_blocks = blocks_for_memory(
-                config, scheduler_config, cache_config.block_size, kv_cache_gb, itemsize
+                config, scheduler_config, cache_config.block_size, kv_cache_gb, kv_dtype.itemsize
             )
             cache_config = dataclasses.replace(cache_config, num_blocks=num_blocks)
         runner = backend_impl.build_runner(module, config, cache_config, scheduler_config)

@@ -18,14 +18,15 @@ __all__ = ["METHODS", "FP8Linear", "Int4Linear", "Int8Linear", "QuantizedLinear"
 def quantize_model(
     model: nn.Module,
     method: str,
-    modules_to_not_convert: Iterable[str] = DEFAULT_MODULES_TO_NOT_CONVERT,
-    group_size: int = 128,
+    modules_to_not_convert: Iterable[str] | None = None,
+    group_size: int = 32,
 ) -> nn.Module:
-    """Swap every ``nn.Linear`` whose name has none of ``modules_to_not_convert`` in it for a
-    ``method`` layer (in place; returns the model). ``group_size``: inputs per int4 group."""
+    """Swap every ``nn.Linear`` whose name has none of ``modules_to_not_convert`` in it (``None``:
+    the embedding and the LM head) for a ``method`` layer, in place; returns the model.
+    ``group_size``: inputs per int4 group (32 divides every Llama-family hidden size we load)."""
     if method not in METHODS:
         raise ValueError(f"quantization: unknown method {method!r}; choose from {', '.join(METHODS)}")
-    skip = tuple(modules_to_not_convert)
+    skip = tuple(DEFAULT_MODULES_TO_NOT_CONVERT if modules_to_not_convert is None else modules_to_not_convert)
     for module_name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{module_name}.{child_name}" if module_name else child_name

@@ -27,22 +27,28 @@ class _SchedulerCollector:
         if engine is None:
             return
         s = engine.scheduler.stats()
-        for name, doc, value in (
-            ("num_requests_running", "Requests in the running batch.", s.num_running),
-            ("num_requests_waiting", "Requests waiting for admission.", s.num_waiting),
-            ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", s.kv_cache_usage),
+        gauge, counter = GaugeMetricFamily, CounterMetricFamily
+        for family, name, doc, value in (
+            (gauge, "num_requests_running", "Requests in the running batch.", s.num_running),
+            (gauge, "num_requests_waiting", "Requests waiting for admission.", s.num_waiting),
+            (gauge, "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", s.kv_cache_usage),
+            (
+                counter,
+                "prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                s.prefix_cache_queries,
+            ),
+            (counter, "prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
+            (
+                counter,
+                "num_preemptions",
+                "Requests preempted (KV freed, recomputed later).",
+                s.num_preemptions,
+            ),
         ):
-            gauge = GaugeMetricFamily(PREFIX + name, doc)
-            gauge.add_metric([], value)
-            yield gauge
-        for name, doc, value in (
-            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
-            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
-            ("num_preemptions", "Requests preempted (KV freed, recomputed later).", s.num_preemptions),
-        ):
-            counter = CounterMetricFamily(PREFIX + name, doc)
-            counter.add_metric([], value)
-            yield counter
+            metric = family(PREFIX + name, doc)
+            metric.add_metric([], value)
+            yield metric
 
 
 class ServerMetrics:
