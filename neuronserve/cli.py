@@ -19,6 +19,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=2048, help="most tokens per sequence")
     parser.add_argument("--quantization", choices=["int8", "fp8", "int4"], default=None, help="weight-only")
     parser.add_argument("--kv-cache-dtype", choices=["auto", "int8", "fp8"], default="auto")
+    parser.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=1, help="shard the model over this many processes"
+    )
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -190,21 +193,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 cache_config=CacheConfig(cache_dtype=args.kv_cache_dtype),
                 kv_cache_gb=1.0,
                 quantization=args.quantization,
+                tensor_parallel_size=args.tensor_parallel_size,
             )
             client = EngineClient(AsyncEngine(engine), ignore_eos=not args.allow_eos)
-        async with client:
-            runs = await sweep(
-                client,
-                specs,
-                concurrencies=concurrencies,
-                request_rates=rates,
-                max_concurrency=args.max_concurrency,
-                burstiness=args.burstiness,
-                slos=slos,
-                price_per_hour=price,
-                seed=args.seed,
-                progress=not args.no_progress,
-            )
+        try:
+            async with client:
+                runs = await sweep(
+                    client,
+                    specs,
+                    concurrencies=concurrencies,
+                    request_rates=rates,
+                    max_concurrency=args.max_concurrency,
+                    burstiness=args.burstiness,
+                    slos=slos,
+                    price_per_hour=price,
+                    seed=args.seed,
+                    progress=not args.no_progress,
+                )
+        finally:
+            if not args.base_url:
+                engine.close()  # stops tensor-parallel workers
         return client.name, runs
 
     name, runs = asyncio.run(main())
@@ -267,6 +275,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cache_config=cache_config,
             kv_cache_gb=args.kv_cache_gb,
             quantization=args.quantization,
+            tensor_parallel_size=args.tensor_parallel_size,
         )
 
     app = create_app(load_engine, args.served_model_name or args.model, api_key=args.api_key or None)
@@ -299,16 +308,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cache_config=CacheConfig(cache_dtype=args.kv_cache_dtype),
         kv_cache_gb=0.5,
         quantization=args.quantization,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = engine.tokenizer.apply_chat_template([*messages, {"role": "user", "content": prompt}])
     engine.add_request(prompt, params, request_id="cli")
     out = None
-    while engine.has_unfinished():
-        for out in engine.step():
-            sys.stdout.write(out.outputs[0].delta_text)
-            sys.stdout.flush()
+    try:
+        while engine.has_unfinished():
+            for out in engine.step():
+                sys.stdout.write(out.outputs[0].delta_text)
+                sys.stdout.flush()
+    finally:
+        engine.close()
     sys.stdout.write("\n")
     if out is not None:
         m, n = out.metrics, len(out.outputs[0].token_ids)

@@ -179,3 +179,73 @@ def _rope_scaling(cfg: dict) -> dict | None:
         return None
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     return None if kind == "default" else dict(scaling)
+
+
+# Tensor-parallel degrees (NeuronCores one model spans) that Neuron supports per instance family,
+# and the NeuronCores of each instance type (Trn2: logical cores at the default LNC=2).
+NEURON_TP_DEGREES: dict[str, tuple[int, ...]] = {
+    "inf2": (1, 2, 4, 8, 24),
+    "trn1": (1, 2, 8, 16, 32),
+    "trn2": tuple(range(1, 65)),
+}
+NEURON_CORES: dict[str, int] = {
+    "inf2.xlarge": 2,
+    "inf2.8xlarge": 2,
+    "inf2.24xlarge": 12,
+    "inf2.48xlarge": 24,
+    "trn1.2xlarge": 2,
+    "trn1.32xlarge": 32,
+    "trn1n.32xlarge": 32,
+    "trn2.48xlarge": 64,
+}
+
+
+def neuron_family(target: str) -> str:
+    """``inf2``, ``trn1`` or ``trn2`` for a family or an instance type (``trn1n`` is ``trn1``)."""
+    family = target.lower().split(".")[0]
+    family = "trn1" if family == "trn1n" else family
+    if family not in NEURON_TP_DEGREES:
+        raise ValueError(
+            f"target: {target!r} is not a Neuron instance family or type; "
+            f"families: {', '.join(NEURON_TP_DEGREES)}; types: {', '.join(NEURON_CORES)}"
+        )
+    return family
+
+
+@dataclass
+class ParallelConfig:
+    """How a model is split across devices.
+
+    Attributes:
+        tensor_parallel_size: ranks every layer is sharded over (processes on CPU, NeuronCores on
+            Neuron).
+        target: a Neuron family (``inf2``, ``trn1``, ``trn2``) or instance type
+            (``inf2.48xlarge``); when set, the degree must be one Neuron supports there and fit the
+            instance's NeuronCores.
+    """
+
+    tensor_parallel_size: int = 1
+    target: str | None = None
+
+    def __post_init__(self) -> None:
+        tp = self.tensor_parallel_size
+        _require(tp >= 1, "tensor_parallel_size", f"must be >= 1, got {tp}")
+        if self.target is None:
+            return
+        family = neuron_family(self.target)
+        allowed = NEURON_TP_DEGREES[family]
+        degrees = f"{allowed[0]}-{allowed[-1]}" if family == "trn2" else ", ".join(map(str, allowed))
+        _require(
+            tp in allowed,
+            "tensor_parallel_size",
+            f"{tp} is not a degree {family} supports; choose one of {degrees}",
+        )
+        cores = NEURON_CORES.get(self.target.lower())
+        if cores is not None and tp > cores:
+            bigger = [name for name, n in NEURON_CORES.items() if neuron_family(name) == family and n >= tp]
+            _require(
+                False,
+                "tensor_parallel_size",
+                f"{tp} exceeds the {cores} NeuronCores of {self.target}; "
+                f"{' or '.join(bigger) or 'no instance of this family'} has enough",
+            )

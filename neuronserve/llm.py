@@ -45,6 +45,9 @@ class LLM:
             embedding and the LM head; ``[]`` quantizes the LM head too).
         kv_cache_dtype: ``auto`` (the weights' dtype), ``int8`` or ``fp8``: one byte per cached
             value, so ``kv_cache_gb`` holds 4x the blocks of an fp32 cache.
+        tensor_parallel_size: shard every layer over this many processes (this one and spawned
+            workers, gloo on CPU); ``kv_cache_gb`` is then per rank. Call ``close()`` (or use the
+            ``LLM`` as a context manager) to stop the workers; they also stop when this process ends.
         seed: seed of the sampler shared by requests without their own ``seed``.
     """
 
@@ -64,6 +67,7 @@ class LLM:
         quantization: str | None = None,
         modules_to_not_convert: Sequence[str] | None = None,
         kv_cache_dtype: str = "auto",
+        tensor_parallel_size: int = 1,
         seed: int = 0,
     ) -> None:
         scheduler_config = SchedulerConfig(
@@ -88,9 +92,20 @@ class LLM:
             kv_cache_gb=None if num_blocks else kv_cache_gb,
             quantization=quantization,
             modules_to_not_convert=modules_to_not_convert,
+            tensor_parallel_size=tensor_parallel_size,
             seed=seed,
         )
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any. The ``LLM`` cannot generate afterwards."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def tokenizer(self):

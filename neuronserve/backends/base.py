@@ -18,6 +18,11 @@ def kv_cache_torch_dtype(cache_config: CacheConfig, model_dtype: torch.dtype) ->
     return {"auto": model_dtype, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[cache_config.cache_dtype]
 
 
+class RunnerDeadError(RuntimeError):
+    """The runner cannot run another step (a tensor-parallel worker died, for one); the engine
+    must be rebuilt. Unlike a step's ordinary failure, it ends every request."""
+
+
 class ModelRunner(ABC):
     """Runs one scheduled step on a device and returns the logits of each scheduled sequence."""
 
@@ -26,6 +31,9 @@ class ModelRunner(ABC):
     @abstractmethod
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
         """Logits ``[len(out), vocab]`` (float32), row ``i`` for ``out.requests[i]``'s last new token."""
+
+    def shutdown(self) -> None:  # noqa: B027 (optional: most runners hold nothing to release)
+        """Release processes and devices the runner holds (nothing, for an in-process runner)."""
 
 
 class Backend(ABC):

@@ -11,6 +11,7 @@ import torch
 from neuronserve.backends.base import Backend, ModelRunner, kv_cache_torch_dtype, register_backend
 from neuronserve.backends.cpu_layout import use_transposed_linears
 from neuronserve.backends.inputs import (
+    SeqChunk,
     StepInputs,
     build_step_inputs,
     chunks_from_output,
@@ -49,11 +50,14 @@ class CPUModelRunner(ModelRunner):
     def kv_cache_bytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        if not out.requests:
+        return self.run_chunks(chunks_from_output(out))
+
+    @torch.inference_mode()
+    def run_chunks(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        """The step of ``chunks`` (what ``execute`` runs; tensor-parallel workers call it directly)."""
+        if not chunks:
             return torch.empty(0, self.model_config.vocab_size)
-        chunks = chunks_from_output(out)
         inputs = build_step_inputs(chunks, self.cache_config.block_size)
         check_token_ids(inputs, self.model_config.vocab_size)
         plan = eager_attention_plan(chunks, self.cache_config.block_size)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from neuronserve.parallel.layers import carry_collective, finish
+
 # Linear layers that measured faster transposed (suffix of the module name).
 TRANSPOSED_LAYERS = ("qkv_proj", "o_proj", "gate_up_proj", "lm_head")
 
@@ -24,12 +26,12 @@ class TransposedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x @ self.weight_t
-        return out + self.bias if self.bias is not None else out
+        return finish(self, out + self.bias if self.bias is not None else out)
 
 
 def use_transposed_linears(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child_name in TRANSPOSED_LAYERS:
-                setattr(module, child_name, TransposedLinear(child))
+                setattr(module, child_name, carry_collective(child, TransposedLinear(child)))
     return model

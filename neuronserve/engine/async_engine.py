@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 
+from neuronserve.backends.base import RunnerDeadError
 from neuronserve.engine.engine import Engine
 from neuronserve.engine.outputs import RequestOutput
 from neuronserve.engine.params import SamplingParams
@@ -50,11 +51,17 @@ class AsyncEngine:
         """Stop the loop and abort every request still running."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A loop that already stopped on an error keeps it in ``error`` (it was logged).
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
         for request_id in list(self._streams):
             self.abort(request_id)
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the loop stopped, if it did (then every request fails with ``EngineDeadError``)."""
+        return self._error
 
     @property
     def is_running(self) -> bool:
@@ -141,6 +148,9 @@ class AsyncEngine:
                 self._in_step = True
                 try:
                     result = await asyncio.to_thread(engine.execute, out)
+                except RunnerDeadError as exc:  # no step can run again: end every request
+                    self._fail(out.request_ids, exc)
+                    raise
                 except Exception as exc:  # the step's requests fail; the loop and the others go on
                     logger.exception("a model step failed; aborting its %d requests", len(out.requests))
                     result = None

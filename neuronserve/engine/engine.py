@@ -8,14 +8,13 @@ CPU) in a worker thread while requests arrive and leave on the event loop:
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from neuronserve.backends.base import ModelRunner, kv_cache_torch_dtype
-from neuronserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from neuronserve.backends.base import ModelRunner
+from neuronserve.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from neuronserve.core import FinishReason, Request, Scheduler, SchedulerOutput
 from neuronserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from neuronserve.engine.params import SamplingParams
@@ -86,44 +85,61 @@ class Engine:
         kv_cache_gb: float | None = None,
         quantization: str | None = None,
         modules_to_not_convert: Sequence[str] | None = None,
+        tensor_parallel_size: int = 1,
         seed: int = 0,
     ) -> Engine:
         """Load ``model`` (a name, a Hugging Face directory or a GGUF file) onto ``backend``.
-        ``kv_cache_gb`` (GiB), when given, sizes the KV cache instead of ``cache_config.num_blocks``;
-        ``quantization`` (``int8``, ``fp8``, ``int4``) quantizes the linear layers after loading, but
-        those named in ``modules_to_not_convert`` (default: the embedding and the LM head)."""
+        ``kv_cache_gb`` (GiB, per rank), when given, sizes the KV cache instead of
+        ``cache_config.num_blocks``; ``quantization`` (``int8``, ``fp8``, ``int4``) quantizes the
+        linear layers after loading, but those named in ``modules_to_not_convert`` (default: the
+        embedding and the LM head). ``tensor_parallel_size`` > 1 shards the model over that many
+        processes (this one and spawned workers); call ``close()`` to stop them."""
         import torch
 
         from neuronserve.backends import get_backend
-        from neuronserve.model.loader import load_model
+        from neuronserve.backends.build import ModelSpec, build_rank
 
-        scheduler_config = scheduler_config or SchedulerConfig()
-        cache_config = cache_config or CacheConfig()
-        backend_impl = get_backend(backend)  # unknown names fail before the model loads
-        dtype = dtype or torch.float32
-        module, config, hf_dir = load_model(model, dtype=dtype)
-        stored = getattr(module, "quantization", None)
-        if quantization is not None and stored is not None:
-            raise ValueError(f"quantization: {model} is already quantized ({stored['method']})")
-        if quantization is not None:
-            from neuronserve.quant import quantize_model
-
-            quantize_model(module, quantization, modules_to_not_convert)
-        tokenizer = Tokenizer.from_dir(hf_dir)
-        kv_dtype = kv_cache_torch_dtype(cache_config, dtype)
-        if cache_config.cache_dtype != "auto":
-            from neuronserve.quant.kv import CALIBRATION_TEXT, calibrate_kv_scales
-
-            calibrate_kv_scales(module, tokenizer.encode(CALIBRATION_TEXT), kv_dtype)
-        if kv_cache_gb is not None:
-            num_blocks = blocks_for_memory(
-                config, scheduler_config, cache_config.block_size, kv_cache_gb, kv_dtype.itemsize
+        ParallelConfig(tensor_parallel_size)  # validates it
+        get_backend(backend)  # unknown names fail before any model loads
+        spec = ModelSpec(
+            model=model,
+            backend=backend,
+            dtype=str(dtype or torch.float32).removeprefix("torch."),
+            quantization=quantization,
+            modules_to_not_convert=modules_to_not_convert,
+            scheduler_config=scheduler_config or SchedulerConfig(),
+            cache_config=cache_config or CacheConfig(),
+            kv_cache_gb=kv_cache_gb,
+            tensor_parallel_size=tensor_parallel_size,
+        )
+        if tensor_parallel_size == 1:
+            built = build_rank(spec)
+            runner, config, cache_config, model_dir = (
+                built.runner,
+                built.model_config,
+                built.cache_config,
+                built.model_dir,
             )
-            cache_config = dataclasses.replace(cache_config, num_blocks=num_blocks)
-        runner = backend_impl.build_runner(module, config, cache_config, scheduler_config)
-        engine = cls(runner, tokenizer, config, scheduler_config, cache_config, seed=seed)
-        engine.model_dir = hf_dir
+        else:
+            from neuronserve.backends.multiproc import TensorParallelRunner
+
+            runner = TensorParallelRunner(spec)
+            config, cache_config, model_dir = runner.model_config, runner.cache_config, runner.model_dir
+        try:
+            tokenizer = Tokenizer.from_dir(model_dir)
+            engine = cls(runner, tokenizer, config, spec.scheduler_config, cache_config, seed=seed)
+        except BaseException:
+            runner.shutdown()
+            raise
+        engine.model_dir = model_dir
         return engine
+
+    def close(self) -> None:
+        """Abort what is still running and release the runner's processes (tensor-parallel
+        workers). The engine cannot step afterwards."""
+        for request_id in list(self._tracked):
+            self.abort(request_id)
+        self.runner.shutdown()
 
     # ---------------------------------------------------------------- requests in and out
     def add_request(
@@ -287,13 +303,20 @@ class Engine:
 
 
 def blocks_for_memory(
-    config: ModelConfig, scheduler_config: SchedulerConfig, block_size: int, gib: float, itemsize: int
+    config: ModelConfig,
+    scheduler_config: SchedulerConfig,
+    block_size: int,
+    gib: float,
+    itemsize: int,
+    kv_heads: int | None = None,
 ) -> int:
     """KV blocks (the pad block included) that ``gib`` GiB hold, capped at what ``max_num_seqs``
-    sequences of ``max_model_len`` tokens can use; raises ``ValueError`` if not even one fits."""
+    sequences of ``max_model_len`` tokens can use; raises ``ValueError`` if not even one fits.
+    ``kv_heads``: the KV heads one rank caches (default: the model's; see ``HeadLayout``)."""
     if gib <= 0:
         raise ValueError(f"kv_cache_gb: must be > 0, got {gib}")
-    block_bytes = 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim
+    kv_heads = config.num_key_value_heads if kv_heads is None else kv_heads
+    block_bytes = 2 * config.num_hidden_layers * block_size * kv_heads * config.head_dim
     block_bytes *= itemsize
     blocks_per_seq = -(-scheduler_config.max_model_len // block_size)
     fit = int(gib * 2**30) // block_bytes

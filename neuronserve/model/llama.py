@@ -22,6 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuronserve.config import ModelConfig
+from neuronserve.parallel.group import SINGLE, TPGroup
+from neuronserve.parallel.heads import HeadLayout
+from neuronserve.parallel.layers import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    default_weight_loader,
+    head_rows,
+)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -98,19 +109,28 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """This rank's heads (all of them at TP 1): ``num_heads`` / ``num_kv_heads`` are local counts,
+    padding and replicated KV heads included (see ``neuronserve.parallel.heads``)."""
+
+    def __init__(self, config: ModelConfig, group: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        layout = HeadLayout(config.num_attention_heads, config.num_key_value_heads, group.size)
+        self.num_heads = layout.q_per_rank
+        self.num_kv_heads = layout.kv_per_rank
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        # q, k and v in one matmul; loaded from separate checkpoint tensors by load_weights.
-        self.qkv_proj = nn.Linear(
-            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        # q, k and v in one matmul, split by heads; loaded from separate checkpoint tensors.
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, self.head_dim, layout, bias=config.attention_bias, group=group
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim,
+            config.hidden_size,
+            group=group,
+            in_index=head_rows(layout.q_heads(group.rank), self.head_dim),
+        )
         # Per-head scales of a quantized (int8 / fp8) KV cache, [K or V, kvh]; set by
         # neuronserve.quant.kv.calibrate_kv_scales. Unused with a float cache.
         self.register_buffer("kv_scale", torch.ones(2, self.num_kv_heads), persistent=False)
@@ -206,10 +226,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, group: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], group=group)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, group=group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -217,12 +238,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, group: TPGroup = SINGLE) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, group)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, group)
 
     def forward(
         self, x, cos, sin, kv_cache, slot_mapping, context_block_tables, attn_mask, positions, plan=None
@@ -242,31 +263,37 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama 2/3, SmolLM2, Mistral (full attention) and Qwen2 (q/k/v bias)."""
+    """Llama 2/3, SmolLM2, Mistral (full attention) and Qwen2 (q/k/v bias).
 
-    # checkpoint name fragment -> (our parameter fragment, shard index in the fused parameter)
+    ``tp_group``: this process's tensor-parallel group; the model holds that rank's shard of every
+    layer (all of it with the default group of one) and reads the same at any degree.
+    """
+
+    # checkpoint name fragment -> (our parameter fragment, its part of the fused parameter)
     _fused = {
-        ".q_proj.": (".qkv_proj.", 0),
-        ".k_proj.": (".qkv_proj.", 1),
-        ".v_proj.": (".qkv_proj.", 2),
+        ".q_proj.": (".qkv_proj.", "q"),
+        ".k_proj.": (".qkv_proj.", "k"),
+        ".v_proj.": (".qkv_proj.", "v"),
         ".gate_proj.": (".gate_up_proj.", 0),
         ".up_proj.": (".gate_up_proj.", 1),
     }
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp_group: TPGroup = SINGLE) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.tp_group = tp_group
+        self.head_layout = HeadLayout(config.num_attention_heads, config.num_key_value_heads, tp_group.size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp_group)
+        self.layers = nn.ModuleList(DecoderLayer(config, tp_group) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp_group)
         self.tie_weights()
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head when the config says so (again after ``to_empty``);
         a quantized LM head keeps its own weights."""
-        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # (or a subclass)
             self.lm_head.weight = self.embed_tokens.weight
 
     def materialize(self) -> LlamaForCausalLM:
@@ -281,8 +308,9 @@ class LlamaForCausalLM(nn.Module):
         return self
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """This rank's KV cache: its local KV heads (replicas included) of every layer."""
         c = self.config
-        return (c.num_hidden_layers, 2, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        return (c.num_hidden_layers, 2, num_blocks, block_size, self.head_layout.kv_per_rank, c.head_dim)
 
     def forward(
         self,
@@ -327,49 +355,38 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load Hugging Face-named tensors (``model.layers.0.self_attn.q_proj.weight``, ...).
 
-        Separate q/k/v and gate/up tensors are copied into their slice of the fused parameter.
-        Raises ``ValueError`` on a missing or unexpected tensor, or a shape mismatch.
+        Each full tensor goes to its layer's ``weight_loader``, which keeps this rank's shard; the
+        separate q/k/v and gate/up tensors go to their part of the fused layer. Raises ``ValueError``
+        on a missing or unexpected tensor, or a shape mismatch.
         """
         params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        modules = dict(self.named_modules())
+        loaded: set[tuple[str, object]] = set()
         for name, tensor in weights:
             key = name.removeprefix("model.")
             if "rotary_emb" in key or (self.config.tie_word_embeddings and key == "lm_head.weight"):
                 continue
-            target, shard = key, None
+            target, part = key, None
             for fragment, (fused, index) in self._fused.items():
                 if fragment in key:
-                    target, shard = key.replace(fragment, fused), index
+                    target, part = key.replace(fragment, fused), index
                     break
             if target not in params:
                 raise ValueError(f"weights: unexpected tensor {name!r} for {self.config.architecture}")
-            param = params[target]
-            dest = param.data if shard is None else self._shard_slice(target, param, shard)
-            if dest.shape != tensor.shape:
-                raise ValueError(
-                    f"weights: {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
-                )
-            dest.copy_(tensor)
-            loaded.add(target if shard is None else f"{target}#{shard}")
-        expected = {
-            n if not any(f[0] in n for f in self._fused.values()) else f"{n}#{i}"
-            for n, p in params.items()
-            for i in range(self._num_shards(n))
-        }
-        missing = sorted(expected - loaded)
+            module = modules[target.rpartition(".")[0]]
+            loader = getattr(module, "weight_loader", default_weight_loader)
+            try:
+                loader(params[target], tensor, part)
+            except ValueError as exc:
+                raise ValueError(f"weights: {name!r} {exc}") from None
+            loaded.add((target, part))
+        expected = {(n, part) for n in params for part in self._parts(n)}
+        missing = sorted(f"{n}#{p}" if p is not None else n for n, p in expected - loaded)
         if missing:
             raise ValueError(f"weights: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
-    def _num_shards(self, name: str) -> int:
+    @staticmethod
+    def _parts(name: str) -> tuple:
         if ".qkv_proj." in name:
-            return 3
-        return 2 if ".gate_up_proj." in name else 1
-
-    def _shard_slice(self, name: str, param: torch.Tensor, shard: int) -> torch.Tensor:
-        c = self.config
-        if ".qkv_proj." in name:
-            sizes = [c.num_attention_heads * c.head_dim] + [c.num_key_value_heads * c.head_dim] * 2
-        else:
-            sizes = [c.intermediate_size] * 2
-        start = sum(sizes[:shard])
-        return param.data[start : start + sizes[shard]]
+            return ("q", "k", "v")
+        return (0, 1) if ".gate_up_proj." in name else (None,)

@@ -19,6 +19,7 @@ import torch
 
 from neuronserve.config import ModelConfig
 from neuronserve.model.llama import LlamaForCausalLM
+from neuronserve.parallel.group import SINGLE, TPGroup
 from neuronserve.quant.io import is_quantized_dir, load_quantized
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -54,18 +55,24 @@ def resolve_model_path(model: str) -> Path:
 
 
 def load_model(
-    model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
+    model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, tp_group: TPGroup = SINGLE
 ) -> tuple[LlamaForCausalLM, ModelConfig, Path]:
-    """Build the model with its weights loaded. Returns the model, its config and the Hugging Face
-    directory its tokenizer loads from (for a GGUF file, the converted cache)."""
+    """Build the model (``tp_group``'s rank's shard of it) with its weights loaded. Returns the
+    model, its config and the Hugging Face directory its tokenizer loads from (for a GGUF file,
+    the converted cache)."""
     path = resolve_model_path(model)
     hf_dir = convert_gguf(path) if path.suffix == ".gguf" else path
     if is_quantized_dir(hf_dir):  # written by `neuronserve quantize`: loads as stored
+        if tp_group.size > 1:
+            raise ValueError(
+                f"tensor_parallel_size: {hf_dir} is a pre-quantized directory, which loads at TP 1 only; "
+                "load the original model with quantization=... to quantize each rank's shard"
+            )
         module, config = load_quantized(hf_dir)
         return module, config, hf_dir
     config = read_hf_config(hf_dir)
     with torch.device("meta"):
-        module = LlamaForCausalLM(config)
+        module = LlamaForCausalLM(config, tp_group)
     module.materialize()  # no random init: every weight is loaded below
     module.load_weights(iter_hf_weights(hf_dir))
     return module.to(dtype).eval(), config, hf_dir

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from neuronserve.parallel.layers import carry_collective
 from neuronserve.quant.linear import METHODS, FP8Linear, Int4Linear, Int8Linear, QuantizedLinear
 
 DEFAULT_MODULES_TO_NOT_CONVERT = ("embed_tokens", "lm_head")
@@ -36,6 +37,6 @@ def quantize_model(
                 swapped = Int4Linear.from_linear(child, group_size)
             else:
                 swapped = METHODS[method].from_linear(child)
-            setattr(module, child_name, swapped)
+            setattr(module, child_name, carry_collective(child, swapped))
     model.quantization = {"method": method, "modules_to_not_convert": list(skip), "group_size": group_size}
     return model

@@ -22,13 +22,18 @@ from torch import nn
 
 # At most this many rows go through the packed int8 kernel; more dequantize and use fp32 GEMM.
 INT8_KERNEL_MAX_ROWS = 16
+# The int8 kernel reads inputs 16 at a time with no tail: other widths crashed or returned
+# garbage (measured on torch 2.13 CPU, e.g. 90 and 100: segfault; 72 and 104: NaN / 1e24).
+INT8_KERNEL_IN_MULTIPLE = 16
 FP8_MAX = 448.0  # the largest finite float8 e4m3fn value
 
 
 class QuantizedLinear(nn.Module):
-    """Shared plumbing: the bias and the shape of the layer it replaces."""
+    """Shared plumbing: the bias, the shape of the layer it replaces and, under tensor
+    parallelism, that layer's ``collective`` (``neuronserve.parallel.layers.carry_collective``)."""
 
     method = ""
+    collective = None
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -39,8 +44,9 @@ class QuantizedLinear(nn.Module):
         """The fp32 weight ``[out, in]`` this layer stands for."""
         raise NotImplementedError
 
-    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
-        return y if self.bias is None else y + self.bias
+    def _finish(self, y: torch.Tensor) -> torch.Tensor:
+        y = y if self.bias is None else y + self.bias
+        return y if self.collective is None else self.collective(y)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}"
@@ -73,7 +79,7 @@ class Int8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows <= INT8_KERNEL_MAX_ROWS:
+        if rows <= INT8_KERNEL_MAX_ROWS and self.in_features % INT8_KERNEL_IN_MULTIPLE == 0:
             if self._scale_bf16 is None:  # the kernel wants bf16 scales; convert once, not per call
                 self._scale_bf16 = self.scale.to(torch.bfloat16)
             flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
@@ -81,7 +87,7 @@ class Int8Linear(QuantizedLinear):
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))
-        return self._add_bias(y)
+        return self._finish(y)
 
 
 class FP8Linear(QuantizedLinear):
@@ -105,7 +111,7 @@ class FP8Linear(QuantizedLinear):
         return self.qweight.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_bias(F.linear(x, self.dequantize().to(x.dtype)))
+        return self._finish(F.linear(x, self.dequantize().to(x.dtype)))
 
 
 class Int4Linear(QuantizedLinear):
@@ -171,7 +177,7 @@ class Int4Linear(QuantizedLinear):
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))
-        return self._add_bias(y)
+        return self._finish(y)
 
 
 METHODS: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "fp8": FP8Linear, "int4": Int4Linear}

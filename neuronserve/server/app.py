@@ -108,6 +108,7 @@ def create_app(
         loader.cancel()
         if state.engine is not None:
             await state.engine.shutdown()
+            await asyncio.to_thread(state.engine.engine.close)  # stops tensor-parallel workers
 
     app = FastAPI(title="neuronserve", lifespan=lifespan)
     app.state.neuronserve = state
@@ -126,6 +127,8 @@ def create_app(
             )
 
     def ready_engine(generation: bool = False) -> AsyncEngine:
+        if state.engine is not None and state.engine.error is not None:
+            raise APIError(503, f"the engine stopped: {state.engine.error}", type="service_unavailable")
         if state.engine is not None:
             return state.engine
         if generation:

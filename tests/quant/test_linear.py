@@ -20,6 +20,18 @@ def test_each_format_approximates_the_layer_at_any_batch(cls, tol):
     assert (q.dequantize() - linear.weight).abs().max() <= linear.weight.abs().max() * tol
 
 
+@pytest.mark.parametrize("in_features", [90, 72, 104])
+def test_int8_widths_the_packed_kernel_cannot_take_use_the_gemm_path(in_features):
+    """The packed kernel crashed or returned garbage on widths not a multiple of 16 (TP shards and
+    tiny configs have them)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, 48)
+    x = torch.randn(2, in_features)
+    with torch.no_grad():
+        out, ref = Int8Linear.from_linear(linear)(x), linear(x)
+    assert torch.isfinite(out).all() and (out - ref).norm() / ref.norm() < 0.02
+
+
 def test_storage_sizes():
     linear = nn.Linear(128, 64)
     assert Int8Linear.from_linear(linear).qweight.element_size() == 1
