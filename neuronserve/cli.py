@@ -22,6 +22,37 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tensor-parallel-size", "-tp", type=int, default=1, help="shard the model over this many processes"
     )
+    graphs = parser.add_argument_group("static graphs (cpu-traced, neuron)")
+    graphs.add_argument(
+        "--artifact-cache", "--cache", default=None, help="compiled graphs: a directory or s3://bucket/prefix"
+    )
+    graphs.add_argument(
+        "--context-buckets", default=None, help="context lengths graphs are built for, e.g. 256,1024"
+    )
+    graphs.add_argument(
+        "--target", default=None, help="the Neuron instance compiled for (fit check), e.g. inf2.48xlarge"
+    )
+    graphs.add_argument("--optlevel", type=int, default=1, choices=[1, 2, 3], help="neuronx-cc -O level")
+    graphs.add_argument(
+        "--auto-cast", default="none", choices=["none", "matmult", "all"], help="neuronx-cc --auto-cast"
+    )
+    graphs.add_argument("--lnc", type=int, default=None, choices=[1, 2], help="Trn2 logical NeuronCore size")
+
+
+def _compile_config(args: argparse.Namespace):
+    from neuronserve.config import CompileConfig
+
+    kwargs = {}
+    if args.context_buckets:
+        kwargs["context_buckets"] = tuple(int(c) for c in args.context_buckets.split(","))
+    return CompileConfig(
+        artifact_cache=args.artifact_cache,
+        target=args.target,
+        optlevel=args.optlevel,
+        auto_cast=args.auto_cast,
+        lnc=args.lnc,
+        **kwargs,
+    )
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--group-size", type=int, default=32, help="int4: inputs per group")
     quant.add_argument("--quantize-lm-head", action="store_true", help="also the LM head (default: kept)")
     quant.add_argument("--out", required=True, help="the directory to write")
+
+    comp = commands.add_parser(
+        "compile", help="compile (or fetch from the artifact cache) one graph per bucket, then exit"
+    )
+    _add_model_args(comp)
+    comp.set_defaults(backend="cpu-traced")
+    comp.add_argument("--buckets", default=None, help="token buckets, e.g. 16,32,64,128 (default: 16..512)")
+    comp.add_argument("--max-num-seqs", type=int, default=32, help="the batch a graph holds (its B)")
 
     bench = commands.add_parser(
         "bench", help="benchmark the in-process engine or an OpenAI-compatible server"
@@ -194,6 +233,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 kv_cache_gb=1.0,
                 quantization=args.quantization,
                 tensor_parallel_size=args.tensor_parallel_size,
+                compile_config=_compile_config(args),
             )
             client = EngineClient(AsyncEngine(engine), ignore_eos=not args.allow_eos)
         try:
@@ -276,6 +316,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             kv_cache_gb=args.kv_cache_gb,
             quantization=args.quantization,
             tensor_parallel_size=args.tensor_parallel_size,
+            compile_config=_compile_config(args),
         )
 
     app = create_app(load_engine, args.served_model_name or args.model, api_key=args.api_key or None)
@@ -309,6 +350,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         kv_cache_gb=0.5,
         quantization=args.quantization,
         tensor_parallel_size=args.tensor_parallel_size,
+        compile_config=_compile_config(args),
     )
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -335,6 +377,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from neuronserve.backends.build import ModelSpec, build_rank
+    from neuronserve.config import CacheConfig, SchedulerConfig
+
+    buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else None
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=max(buckets) if buckets else 512,
+        max_model_len=args.max_model_len,
+        **({"token_buckets": buckets} if buckets else {}),
+    )
+    spec = ModelSpec(
+        model=args.model,
+        backend=args.backend,
+        quantization=args.quantization,
+        scheduler_config=scheduler_config,
+        cache_config=CacheConfig(cache_dtype=args.kv_cache_dtype),
+        kv_cache_gb=1.0,
+        tensor_parallel_size=args.tensor_parallel_size,
+        compile_config=_compile_config(args),
+    )
+    started = time.perf_counter()
+    runner = build_rank(spec).runner
+    if not hasattr(runner, "graphs"):
+        raise ValueError(f"backend: {args.backend} compiles nothing; use cpu-traced or neuron")
+    manifest = runner.cache.manifest()
+    print(f"artifact cache {runner.cache.store} key {runner.cache.key}")
+    print(f"{'bucket':<20} {'status':<9} {'bytes':>10}")
+    for bucket in runner.buckets:
+        status = "compiled" if bucket in runner.compiled else "cached"
+        print(f"{bucket.name:<20} {status:<9} {manifest['files'][bucket.name]['bytes']:>10}")
+    compiled, total = len(runner.compiled), len(runner.buckets)
+    print(
+        f"{total} graphs ({compiled} compiled, {total - compiled} from the cache) "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
@@ -347,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(args)
         if args.command == "quantize":
             return cmd_quantize(args)
+        if args.command == "compile":
+            return cmd_compile(args)
     except ValueError as exc:  # bad arguments name their field
         print(f"neuronserve: error: {exc}", file=sys.stderr)
         return 2

@@ -181,37 +181,6 @@ def _rope_scaling(cfg: dict) -> dict | None:
     return None if kind == "default" else dict(scaling)
 
 
-# Tensor-parallel degrees (NeuronCores one model spans) that Neuron supports per instance family,
-# and the NeuronCores of each instance type (Trn2: logical cores at the default LNC=2).
-NEURON_TP_DEGREES: dict[str, tuple[int, ...]] = {
-    "inf2": (1, 2, 4, 8, 24),
-    "trn1": (1, 2, 8, 16, 32),
-    "trn2": tuple(range(1, 65)),
-}
-NEURON_CORES: dict[str, int] = {
-    "inf2.xlarge": 2,
-    "inf2.8xlarge": 2,
-    "inf2.24xlarge": 12,
-    "inf2.48xlarge": 24,
-    "trn1.2xlarge": 2,
-    "trn1.32xlarge": 32,
-    "trn1n.32xlarge": 32,
-    "trn2.48xlarge": 64,
-}
-
-
-def neuron_family(target: str) -> str:
-    """``inf2``, ``trn1`` or ``trn2`` for a family or an instance type (``trn1n`` is ``trn1``)."""
-    family = target.lower().split(".")[0]
-    family = "trn1" if family == "trn1n" else family
-    if family not in NEURON_TP_DEGREES:
-        raise ValueError(
-            f"target: {target!r} is not a Neuron instance family or type; "
-            f"families: {', '.join(NEURON_TP_DEGREES)}; types: {', '.join(NEURON_CORES)}"
-        )
-    return family
-
-
 @dataclass
 class ParallelConfig:
     """How a model is split across devices.
@@ -232,6 +201,8 @@ class ParallelConfig:
         _require(tp >= 1, "tensor_parallel_size", f"must be >= 1, got {tp}")
         if self.target is None:
             return
+        from neuronserve.hardware import INSTANCES, NEURON_TP_DEGREES, neuron_family
+
         family = neuron_family(self.target)
         allowed = NEURON_TP_DEGREES[family]
         degrees = f"{allowed[0]}-{allowed[-1]}" if family == "trn2" else ", ".join(map(str, allowed))
@@ -240,12 +211,70 @@ class ParallelConfig:
             "tensor_parallel_size",
             f"{tp} is not a degree {family} supports; choose one of {degrees}",
         )
-        cores = NEURON_CORES.get(self.target.lower())
+        instance = INSTANCES.get(self.target.lower())
+        cores = instance.cores if instance is not None else None
         if cores is not None and tp > cores:
-            bigger = [name for name, n in NEURON_CORES.items() if neuron_family(name) == family and n >= tp]
+            bigger = [i.name for i in INSTANCES.values() if i.family == family and i.cores >= tp]
             _require(
                 False,
                 "tensor_parallel_size",
                 f"{tp} exceeds the {cores} NeuronCores of {self.target}; "
                 f"{' or '.join(bigger) or 'no instance of this family'} has enough",
             )
+
+
+@dataclass
+class CompileConfig:
+    """How the static-graph backends (``cpu-traced``, ``neuron``) build their graphs.
+
+    Attributes:
+        context_buckets: context lengths (tokens) graphs are built for, besides ``max_model_len``;
+            a step uses the smallest one that holds its longest sequence. The static attention
+            gathers each token's context, so a step costs ``tokens x context`` of gathers: small
+            context buckets keep short requests cheap.
+        artifact_cache: where compiled graphs are kept: a directory or ``s3://bucket/prefix``
+            (``None``: ``~/.cache/neuronserve/artifacts``).
+        optlevel: neuronx-cc optimization level (``-O1`` compiles fastest, ``-O2`` is its default).
+        auto_cast: neuronx-cc ``--auto-cast`` (``none`` keeps the model's dtype; ``matmult`` casts
+            matrix multiplies to bf16).
+        lnc: logical NeuronCore size on Trn2 (1 or 2; ``None``: the compiler's default).
+        target: the Neuron instance type compiled for (``inf2.48xlarge``); the weights and KV cache
+            are checked to fit it before compiling.
+        extra_compiler_args: appended to the compiler arguments as they are.
+        progress: show a progress bar per bucket while compiling.
+    """
+
+    context_buckets: tuple[int, ...] = (256, 1024)
+    artifact_cache: str | None = None
+    optlevel: int = 1
+    auto_cast: str = "none"
+    lnc: int | None = None
+    target: str | None = None
+    extra_compiler_args: tuple[str, ...] = ()
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.context_buckets = tuple(sorted(set(self.context_buckets)))
+        _require(
+            all(c >= 1 for c in self.context_buckets),
+            "context_buckets",
+            f"lengths must be >= 1, got {self.context_buckets}",
+        )
+        _require(self.optlevel in (1, 2, 3), "optlevel", f"must be 1, 2 or 3, got {self.optlevel}")
+        _require(
+            self.auto_cast in ("none", "matmult", "all"),
+            "auto_cast",
+            f"must be none, matmult or all, got {self.auto_cast!r}",
+        )
+        _require(self.lnc in (None, 1, 2), "lnc", f"must be 1, 2 or None, got {self.lnc}")
+        if self.target is not None:
+            from neuronserve.hardware import get_instance
+
+            get_instance(self.target)
+
+    def compiler_args(self) -> list[str]:
+        """neuronx-cc arguments, in a fixed order (they are part of the artifact cache key)."""
+        args = ["--model-type=transformer", f"--auto-cast={self.auto_cast}", f"-O{self.optlevel}"]
+        if self.lnc is not None:
+            args.append(f"--lnc={self.lnc}")
+        return args + list(self.extra_compiler_args)

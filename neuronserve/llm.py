@@ -8,12 +8,13 @@ print(outs[0].outputs[0].text)
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
 
-from neuronserve.config import CacheConfig, SchedulerConfig
+from neuronserve.config import CacheConfig, CompileConfig, SchedulerConfig
 from neuronserve.core import QueueFullError
 from neuronserve.engine.engine import Engine
 from neuronserve.engine.outputs import RequestOutput
@@ -29,7 +30,8 @@ class LLM:
 
     Args:
         model: a model name (``smollm2-135m-instruct``), a Hugging Face directory or a GGUF file.
-        backend: ``cpu`` (more with later backends).
+        backend: ``cpu`` (eager), ``cpu-traced`` (one compiled graph per bucket, on CPU) or
+            ``neuron`` (one ``torch_neuronx`` graph per bucket; needs the Neuron SDK).
         dtype: the weights' dtype (``torch.float32`` by default: fast on CPU).
         max_num_seqs: most sequences decoded together (the batch size).
         max_num_batched_tokens: token budget of one step (prefill chunks + decodes).
@@ -48,6 +50,10 @@ class LLM:
         tensor_parallel_size: shard every layer over this many processes (this one and spawned
             workers, gloo on CPU); ``kv_cache_gb`` is then per rank. Call ``close()`` (or use the
             ``LLM`` as a context manager) to stop the workers; they also stop when this process ends.
+        artifact_cache: where ``cpu-traced`` / ``neuron`` keep compiled graphs: a directory or
+            ``s3://bucket/prefix`` (default ``~/.cache/neuronserve/artifacts``).
+        compile_config: all compile settings (context buckets, compiler flags, target instance);
+            ``artifact_cache`` overrides its cache location.
         seed: seed of the sampler shared by requests without their own ``seed``.
     """
 
@@ -68,6 +74,8 @@ class LLM:
         modules_to_not_convert: Sequence[str] | None = None,
         kv_cache_dtype: str = "auto",
         tensor_parallel_size: int = 1,
+        artifact_cache: str | None = None,
+        compile_config: CompileConfig | None = None,
         seed: int = 0,
     ) -> None:
         scheduler_config = SchedulerConfig(
@@ -93,6 +101,7 @@ class LLM:
             quantization=quantization,
             modules_to_not_convert=modules_to_not_convert,
             tensor_parallel_size=tensor_parallel_size,
+            compile_config=_with_cache(compile_config, artifact_cache),
             seed=seed,
         )
         self._ids = itertools.count()
@@ -195,3 +204,9 @@ def _per_prompt(params, n: int) -> list[SamplingParams]:
     if len(params) != n:
         raise ValueError(f"sampling_params: {len(params)} given for {n} prompts")
     return params
+
+
+def _with_cache(compile_config: CompileConfig | None, artifact_cache: str | None) -> CompileConfig | None:
+    if artifact_cache is None:
+        return compile_config
+    return dataclasses.replace(compile_config or CompileConfig(), artifact_cache=artifact_cache)

@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from neuronserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from neuronserve.config import CacheConfig, CompileConfig, ModelConfig, SchedulerConfig
 from neuronserve.core import SchedulerOutput
 
 
@@ -38,6 +38,9 @@ class ModelRunner(ABC):
 
 class Backend(ABC):
     name: str = ""
+    # True for a backend that shards the model over devices itself (neuron, with
+    # neuronx_distributed); otherwise tensor parallelism runs one process per rank.
+    shards_itself: bool = False
 
     @abstractmethod
     def build_runner(
@@ -46,8 +49,10 @@ class Backend(ABC):
         model_config: ModelConfig,
         cache_config: CacheConfig,
         scheduler_config: SchedulerConfig,
+        compile_config: CompileConfig | None = None,
     ) -> ModelRunner:
-        """Build a runner for a model whose weights are loaded."""
+        """Build a runner for a model whose weights are loaded (``compile_config``: for the
+        static-graph backends; others ignore it)."""
 
 
 _REGISTRY: dict[str, type[Backend]] = {}

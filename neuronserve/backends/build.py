@@ -5,6 +5,7 @@ function with the same spec, so they build matching shards (and meet at the same
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from neuronserve.backends.base import ModelRunner, get_backend, kv_cache_torch_dtype
-from neuronserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from neuronserve.config import CacheConfig, CompileConfig, ModelConfig, SchedulerConfig
 from neuronserve.parallel.group import SINGLE, TPGroup
 
 
@@ -30,6 +31,7 @@ class ModelSpec:
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     kv_cache_gb: float | None = None
     tensor_parallel_size: int = 1
+    compile_config: CompileConfig | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -44,12 +46,11 @@ class BuiltRank:
     model_dir: Path
 
 
-def build_rank(spec: ModelSpec, group: TPGroup = SINGLE) -> BuiltRank:
-    """Build ``group.rank``'s runner for ``spec``."""
-    from neuronserve.engine.engine import blocks_for_memory  # sizing rule shared with the engine
+def load_rank_model(spec: ModelSpec, group: TPGroup = SINGLE):
+    """``group.rank``'s shard of the model, quantized and calibrated as ``spec`` says. Returns the
+    model, its config and the Hugging Face directory it came from."""
     from neuronserve.model.loader import load_model
 
-    backend = get_backend(spec.backend)  # unknown names fail before the model loads
     module, config, hf_dir = load_model(spec.model, dtype=spec.torch_dtype, tp_group=group)
     stored = getattr(module, "quantization", None)
     if spec.quantization is not None and stored is not None:
@@ -58,23 +59,48 @@ def build_rank(spec: ModelSpec, group: TPGroup = SINGLE) -> BuiltRank:
         from neuronserve.quant import quantize_model
 
         quantize_model(module, spec.quantization, spec.modules_to_not_convert)
-    cache_config = spec.cache_config
-    kv_dtype = kv_cache_torch_dtype(cache_config, spec.torch_dtype)
-    if cache_config.cache_dtype != "auto":
+    if spec.cache_config.cache_dtype != "auto":
         from neuronserve.model.tokenizer import Tokenizer
         from neuronserve.quant.kv import CALIBRATION_TEXT, calibrate_kv_scales
 
         # Every rank runs the same calibration prefill (its collectives meet the others').
+        kv_dtype = kv_cache_torch_dtype(spec.cache_config, spec.torch_dtype)
         calibrate_kv_scales(module, Tokenizer.from_dir(hf_dir).encode(CALIBRATION_TEXT), kv_dtype)
+    return module, config, hf_dir
+
+
+def build_rank(spec: ModelSpec, group: TPGroup = SINGLE) -> BuiltRank:
+    """Build ``group.rank``'s runner for ``spec``. A backend that shards itself (``neuron``) gets
+    the whole model here and a function that builds any rank's shard."""
+    from neuronserve.engine.engine import blocks_for_memory  # sizing rule shared with the engine
+    from neuronserve.parallel.heads import HeadLayout
+
+    backend = get_backend(spec.backend)  # unknown names fail before the model loads
+    module, config, hf_dir = load_rank_model(spec, group)
+    cache_config = spec.cache_config
     if spec.kv_cache_gb is not None:
+        layout = HeadLayout(config.num_attention_heads, config.num_key_value_heads, spec.tensor_parallel_size)
         num_blocks = blocks_for_memory(
             config,
             spec.scheduler_config,
             cache_config.block_size,
             spec.kv_cache_gb,
-            kv_dtype.itemsize,
-            kv_heads=module.head_layout.kv_per_rank,
+            kv_cache_torch_dtype(cache_config, spec.torch_dtype).itemsize,
+            kv_heads=layout.kv_per_rank,
         )
         cache_config = dataclasses.replace(cache_config, num_blocks=num_blocks)
-    runner = backend.build_runner(module, config, cache_config, spec.scheduler_config)
+    args = (module, config, cache_config, spec.scheduler_config, spec.compile_config)
+    if backend.shards_itself:
+        rank_spec = dataclasses.replace(spec, cache_config=cache_config)
+        runner = backend.build_runner(
+            *args,
+            tensor_parallel_size=spec.tensor_parallel_size,
+            rank_model_fn=functools.partial(_rank_model, rank_spec),
+        )
+    else:
+        runner = backend.build_runner(*args)
     return BuiltRank(runner, config, cache_config, hf_dir)
+
+
+def _rank_model(spec: ModelSpec, group: TPGroup) -> torch.nn.Module:
+    return load_rank_model(spec, group)[0]

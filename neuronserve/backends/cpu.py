@@ -76,5 +76,7 @@ def check_token_ids(inputs: StepInputs, vocab_size: int) -> None:
 
 @register_backend("cpu")
 class CPUBackend(Backend):
-    def build_runner(self, model, model_config, cache_config, scheduler_config) -> ModelRunner:
+    def build_runner(
+        self, model, model_config, cache_config, scheduler_config, compile_config=None
+    ) -> ModelRunner:
         return CPUModelRunner(model, model_config, cache_config, scheduler_config)

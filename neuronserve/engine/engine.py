@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from neuronserve.backends.base import ModelRunner
-from neuronserve.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from neuronserve.config import CacheConfig, CompileConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from neuronserve.core import FinishReason, Request, Scheduler, SchedulerOutput
 from neuronserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from neuronserve.engine.params import SamplingParams
@@ -86,6 +86,7 @@ class Engine:
         quantization: str | None = None,
         modules_to_not_convert: Sequence[str] | None = None,
         tensor_parallel_size: int = 1,
+        compile_config: CompileConfig | None = None,
         seed: int = 0,
     ) -> Engine:
         """Load ``model`` (a name, a Hugging Face directory or a GGUF file) onto ``backend``.
@@ -93,14 +94,16 @@ class Engine:
         ``cache_config.num_blocks``; ``quantization`` (``int8``, ``fp8``, ``int4``) quantizes the
         linear layers after loading, but those named in ``modules_to_not_convert`` (default: the
         embedding and the LM head). ``tensor_parallel_size`` > 1 shards the model over that many
-        processes (this one and spawned workers); call ``close()`` to stop them."""
+        processes (this one and spawned workers); call ``close()`` to stop them.
+        ``compile_config``: buckets, compiler arguments and artifact cache of the static-graph
+        backends (``cpu-traced``, ``neuron``)."""
         import torch
 
         from neuronserve.backends import get_backend
         from neuronserve.backends.build import ModelSpec, build_rank
 
         ParallelConfig(tensor_parallel_size)  # validates it
-        get_backend(backend)  # unknown names fail before any model loads
+        backend_impl = get_backend(backend)  # unknown names fail before any model loads
         spec = ModelSpec(
             model=model,
             backend=backend,
@@ -111,8 +114,9 @@ class Engine:
             cache_config=cache_config or CacheConfig(),
             kv_cache_gb=kv_cache_gb,
             tensor_parallel_size=tensor_parallel_size,
+            compile_config=compile_config,
         )
-        if tensor_parallel_size == 1:
+        if tensor_parallel_size == 1 or backend_impl.shards_itself:
             built = build_rank(spec)
             runner, config, cache_config, model_dir = (
                 built.runner,

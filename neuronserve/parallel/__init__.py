@@ -1,9 +1,3 @@
-"""Tensor parallelism: head layouts, process groups and the parallel layers the model is built from.
-
-Imports torch only (no model code), so the layers can be tested and reused on their own.
-"""
-
-from neuronserve.parallel.group import SINGLE, GlooGroup, TPGroup
-from neuronserve.parallel.heads import HeadLayout
-
-__all__ = ["SINGLE", "GlooGroup", "HeadLayout", "TPGroup"]
+"""Tensor parallelism: head layouts (``heads``, pure Python), process groups (``group``) and the
+parallel layers the model is built from (``layers``). Import the submodule you need: ``heads`` is
+importable without torch, so sizing code (fit checks, the simulator) can use it anywhere."""

@@ -221,3 +221,23 @@ def test_metrics_are_timestamped(tiny_model, prompts):
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
     assert len(m.token_times) == 5 and len(m.inter_token_latencies) == 4
     assert m.time_to_first_token > 0 and m.e2e_latency >= m.time_to_first_token and m.queue_time >= 0
+
+
+def test_the_cpu_traced_backend_gives_each_request_its_solo_tokens(tiny_model, prompts, solo, tmp_path):
+    """The same engine over per-bucket exported graphs (every step padded to a static shape)."""
+    import copy
+
+    from neuronserve.backends import get_backend
+    from neuronserve.config import CacheConfig, CompileConfig, SchedulerConfig
+
+    sched = SchedulerConfig(
+        max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128, token_buckets=(8, 16, 32, 64)
+    )
+    cache = CacheConfig(block_size=4, num_blocks=256)
+    compile_config = CompileConfig(context_buckets=(32,), artifact_cache=str(tmp_path), progress=False)
+    runner = get_backend("cpu-traced").build_runner(
+        copy.deepcopy(tiny_model), tiny_model.config, cache, sched, compile_config
+    )
+    engine = make_engine(runner)
+    assert generate(engine, prompts, GREEDY, ARRIVALS) == solo
+    assert len(runner.calls) > 2  # several buckets ran
