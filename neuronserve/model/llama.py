@@ -71,7 +71,10 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 def _gather(cache: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Whole blocks ``cache[index]`` (index_select: each block is one contiguous run of memory)."""
     if out is None:
-        return _raw(cache).index_select(0, index).view(cache.dtype)
+        blocks = _raw(cache).index_select(0, index)
+        # Only an fp8 cache needs its bytes viewed back; a same-dtype view is an op torch-xla
+        # does not lower (a CPU fallback mid-graph).
+        return blocks.view(cache.dtype) if blocks.dtype != cache.dtype else blocks
     torch.index_select(_raw(cache), 0, index, out=_raw(out))
     return out
 
@@ -328,8 +331,9 @@ class LlamaForCausalLM(nn.Module):
         block_size = kv_cache.shape[3]
         # Which sequence each token belongs to; padding tokens past the last sequence clamp to it
         # (their outputs are never read, and their K/V goes to the pad slot).
+        # (A compare-and-count rather than searchsorted, which torch-xla does not lower.)
         token_idx = torch.arange(T, device=input_ids.device)
-        seq_idx = torch.searchsorted(query_start_loc[1:], token_idx, right=True)
+        seq_idx = (query_start_loc[None, 1:] <= token_idx[:, None]).sum(-1)
         seq_idx = seq_idx.clamp(max=block_tables.shape[0] - 1)
         context_block_tables = block_tables[seq_idx]  # (T, max_blocks)
         key_pos = torch.arange(block_tables.shape[1] * block_size, device=input_ids.device)

@@ -28,6 +28,12 @@ INT8_KERNEL_IN_MULTIPLE = 16
 FP8_MAX = 448.0  # the largest finite float8 e4m3fn value
 
 
+def _packed_kernel(x: torch.Tensor, rows: int) -> bool:
+    """Use torch's packed CPU kernels: few rows, on CPU (on other devices — XLA, Neuron — the
+    dequantize-and-matmul form is what lowers to the compiler)."""
+    return rows <= INT8_KERNEL_MAX_ROWS and x.device.type == "cpu"
+
+
 class QuantizedLinear(nn.Module):
     """Shared plumbing: the bias, the shape of the layer it replaces and, under tensor
     parallelism, that layer's ``collective`` (``neuronserve.parallel.layers.carry_collective``)."""
@@ -59,11 +65,14 @@ class Int8Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features))
-        self._scale_bf16: torch.Tensor | None = None
+        # The kernel wants bf16 scales: converted once, whenever the scales change (a buffer, not
+        # a cache filled on first use, so that a traced graph is the same on every trace).
+        self.register_buffer("scale_bf16", torch.ones(out_features, dtype=torch.bfloat16), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _: module.refresh())
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._scale_bf16 = None  # new scales: convert again on the next call
-        super()._load_from_state_dict(*args, **kwargs)
+    @torch.no_grad()
+    def refresh(self) -> None:
+        self.scale_bf16.copy_(self.scale)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -72,6 +81,7 @@ class Int8Linear(QuantizedLinear):
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
         layer.qweight.copy_((w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
         layer.scale.copy_(scale)
+        layer.refresh()
         return layer
 
     def dequantize(self) -> torch.Tensor:
@@ -79,11 +89,9 @@ class Int8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows <= INT8_KERNEL_MAX_ROWS and self.in_features % INT8_KERNEL_IN_MULTIPLE == 0:
-            if self._scale_bf16 is None:  # the kernel wants bf16 scales; convert once, not per call
-                self._scale_bf16 = self.scale.to(torch.bfloat16)
+        if _packed_kernel(x, rows) and self.in_features % INT8_KERNEL_IN_MULTIPLE == 0:
             flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self._scale_bf16)
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale_bf16)
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))
@@ -170,7 +178,7 @@ class Int4Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows <= INT8_KERNEL_MAX_ROWS:
+        if _packed_kernel(x, rows):
             packed, scale_zero = self._packed()
             flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, scale_zero)
