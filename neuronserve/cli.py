@@ -111,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--buckets", default=None, help="token buckets, e.g. 16,32,64,128 (default: 16..512)")
     comp.add_argument("--max-num-seqs", type=int, default=32, help="the batch a graph holds (its B)")
 
+    sim = commands.add_parser(
+        "simulate", help="predict a benchmark on Inf2/Trn1/Trn2 (or this CPU) with the real scheduler"
+    )
+    plan = commands.add_parser("plan", help="the cheapest instance, TP degree and fleet for a load and SLOs")
+    from neuronserve.sim.commands import add_arguments
+
+    add_arguments(sim, plan)
+
     bench = commands.add_parser(
         "bench", help="benchmark the in-process engine or an OpenAI-compatible server"
     )
@@ -430,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_quantize(args)
         if args.command == "compile":
             return cmd_compile(args)
+        if args.command in ("simulate", "plan"):
+            from neuronserve.sim import commands
+
+            return commands.cmd_simulate(args) if args.command == "simulate" else commands.cmd_plan(args)
     except ValueError as exc:  # bad arguments name their field
         print(f"neuronserve: error: {exc}", file=sys.stderr)
         return 2

@@ -1,14 +1,16 @@
 """Neuron hardware as data, and the check that a model fits before anything is compiled.
 
-Figures are AWS's published per-chip numbers (Inferentia2 / Trainium1 / Trainium2 product pages
-and the Neuron architecture docs); a NeuronCore's share is the chip's divided by its cores (Trn2:
-logical cores at the default LNC=2, 4 per chip). Standard library only: the fit check runs from a
+Figures are AWS's published per-chip numbers, kept with their sources in
+``neuronserve/data/neuron_hardware.json``; a NeuronCore's share is the chip's divided by its cores
+(Trn2: logical cores at the default LNC=2, 4 per chip). Standard library only: the fit check runs from a
 model config, with no weights and no torch.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from importlib import resources
 
 from neuronserve.parallel.heads import HeadLayout
 
@@ -22,20 +24,12 @@ class NeuronChip:
     hbm_gib: float
     hbm_gb_per_s: float
     bf16_tflops: float
-    fp8_tflops: float | None = None
+    fp8_tflops: float
+    neuronlink_gb_per_s: float
 
     @property
     def hbm_gib_per_core(self) -> float:
         return self.hbm_gib / self.cores
-
-
-CHIPS = {
-    "inferentia2": NeuronChip("Inferentia2", cores=2, hbm_gib=32, hbm_gb_per_s=820, bf16_tflops=190),
-    "trainium1": NeuronChip("Trainium1", cores=2, hbm_gib=32, hbm_gb_per_s=820, bf16_tflops=190),
-    "trainium2": NeuronChip(
-        "Trainium2", cores=4, hbm_gib=96, hbm_gb_per_s=2900, bf16_tflops=667, fp8_tflops=1299
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -53,18 +47,19 @@ class NeuronInstance:
         return neuron_family(self.name)
 
 
+def hardware_data() -> dict:
+    """The data file: chips with each figure's public source, and instance types."""
+    return json.loads(resources.files("neuronserve").joinpath("data/neuron_hardware.json").read_text())
+
+
+_DATA = hardware_data()
+CHIPS = {
+    key: NeuronChip(**{k: v for k, v in chip.items() if k != "sources"})
+    for key, chip in _DATA["chips"].items()
+}
 INSTANCES = {
-    i.name: i
-    for i in (
-        NeuronInstance("inf2.xlarge", CHIPS["inferentia2"], 1),
-        NeuronInstance("inf2.8xlarge", CHIPS["inferentia2"], 1),
-        NeuronInstance("inf2.24xlarge", CHIPS["inferentia2"], 6),
-        NeuronInstance("inf2.48xlarge", CHIPS["inferentia2"], 12),
-        NeuronInstance("trn1.2xlarge", CHIPS["trainium1"], 1),
-        NeuronInstance("trn1.32xlarge", CHIPS["trainium1"], 16),
-        NeuronInstance("trn1n.32xlarge", CHIPS["trainium1"], 16),
-        NeuronInstance("trn2.48xlarge", CHIPS["trainium2"], 16),
-    )
+    name: NeuronInstance(name, CHIPS[spec["chip"]], spec["chips"])
+    for name, spec in _DATA["instances"].items()
 }
 
 # Tensor-parallel degrees Neuron supports per instance family.
