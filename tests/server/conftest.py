@@ -13,17 +13,9 @@ import uvicorn
 from neuronserve.backends import get_backend
 from neuronserve.config import CacheConfig, SchedulerConfig
 from neuronserve.engine.engine import Engine
-from neuronserve.model.loader import DEFAULT_MODEL, load_model
-from neuronserve.model.tokenizer import Tokenizer
 from neuronserve.server.app import create_app
 
 API_KEY = "test-key-123"
-
-
-@pytest.fixture(scope="session")
-def smollm2():
-    model, config, hf_dir = load_model(DEFAULT_MODEL)
-    return model, config, Tokenizer.from_dir(hf_dir)
 
 
 def engine_factory(smollm2, *, max_num_seqs=32, max_waiting=256, num_blocks=400, max_model_len=512):
