@@ -77,24 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     _add_sampling_args(gen)
 
-    serve = commands.add_parser("serve", help="the OpenAI-compatible HTTP server")
-    _add_model_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument(
-        "--api-key",
-        default=os.environ.get("NEURONSERVE_API_KEY"),
-        help="require this key (or $NEURONSERVE_API_KEY)",
-    )
-    serve.add_argument(
-        "--served-model-name", default=None, help="the model name clients send (default: --model)"
-    )
-    serve.add_argument("--max-num-seqs", type=int, default=32, help="most sequences decoded together")
-    serve.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
-    serve.add_argument("--max-waiting", type=int, default=256, help="waiting requests before 429s")
-    serve.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV-cache memory, GiB")
-    serve.add_argument("--no-prefix-caching", action="store_true")
-    serve.add_argument("--log-level", default="info")
+    _add_serve_parser(commands)
 
     quant = commands.add_parser("quantize", help="quantize a model's weights once and save them")
     quant.add_argument("--model", default=DEFAULT_MODEL, help="a model name, a HF directory or a .gguf file")
@@ -119,6 +102,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(sim, plan)
 
+    _add_bench_parser(commands)
+    return parser
+
+
+def _add_serve_parser(commands) -> None:
+    serve = commands.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("NEURONSERVE_API_KEY"),
+        help="require this key (or $NEURONSERVE_API_KEY)",
+    )
+    serve.add_argument(
+        "--served-model-name", default=None, help="the model name clients send (default: --model)"
+    )
+    serve.add_argument("--max-num-seqs", type=int, default=32, help="most sequences decoded together")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
+    serve.add_argument("--max-waiting", type=int, default=256, help="waiting requests before 429s")
+    serve.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV-cache memory, GiB")
+    serve.add_argument("--no-prefix-caching", action="store_true")
+    serve.add_argument("--log-level", default="info")
+
+
+def _add_bench_parser(commands) -> None:
     bench = commands.add_parser(
         "bench", help="benchmark the in-process engine or an OpenAI-compatible server"
     )
@@ -153,7 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--price-per-hour", type=float, default=None, help="the host's $/hour")
     out.add_argument("--out", default="bench-results", help="directory for JSON, markdown and plot")
     out.add_argument("--no-progress", action="store_true")
-    return parser
 
 
 def _csv(text: str | None, kind) -> list | None:
@@ -197,6 +205,25 @@ def _bench_specs(args: argparse.Namespace) -> list:
     return specs
 
 
+def _bench_engine(args: argparse.Namespace, most_in_flight: int):
+    """The in-process engine ``neuronserve bench`` measures when no --base-url is given."""
+    from neuronserve.config import CacheConfig, SchedulerConfig
+    from neuronserve.engine.engine import Engine
+
+    return Engine.from_pretrained(
+        args.model,
+        backend=args.backend,
+        scheduler_config=SchedulerConfig(
+            max_num_seqs=min(most_in_flight, 64), max_model_len=args.max_model_len, max_waiting=None
+        ),
+        cache_config=CacheConfig(cache_dtype=args.kv_cache_dtype),
+        kv_cache_gb=1.0,
+        quantization=args.quantization,
+        tensor_parallel_size=args.tensor_parallel_size,
+        compile_config=_compile_config(args),
+    )
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
@@ -226,23 +253,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 args.base_url, args.served_model, args.api_key, ignore_eos=not args.allow_eos
             )
         else:
-            from neuronserve.config import CacheConfig, SchedulerConfig
             from neuronserve.engine.async_engine import AsyncEngine
-            from neuronserve.engine.engine import Engine
 
-            most = max(concurrencies or [args.max_concurrency or 32])
-            engine = Engine.from_pretrained(
-                args.model,
-                backend=args.backend,
-                scheduler_config=SchedulerConfig(
-                    max_num_seqs=min(most, 64), max_model_len=args.max_model_len, max_waiting=None
-                ),
-                cache_config=CacheConfig(cache_dtype=args.kv_cache_dtype),
-                kv_cache_gb=1.0,
-                quantization=args.quantization,
-                tensor_parallel_size=args.tensor_parallel_size,
-                compile_config=_compile_config(args),
-            )
+            engine = _bench_engine(args, max(concurrencies or [args.max_concurrency or 32]))
             client = EngineClient(AsyncEngine(engine), ignore_eos=not args.allow_eos)
         try:
             async with client:

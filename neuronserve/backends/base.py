@@ -36,6 +36,20 @@ class ModelRunner(ABC):
         """Release processes and devices the runner holds (nothing, for an in-process runner)."""
 
 
+class ChunkModelRunner(ModelRunner):
+    """A runner that executes a step from its chunks (token ids, start, block table per sequence)
+    — what tensor-parallel workers receive instead of the scheduler's output."""
+
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        from neuronserve.backends.inputs import chunks_from_output
+
+        return self.run_chunks(chunks_from_output(out))
+
+    @abstractmethod
+    def run_chunks(self, chunks: list) -> torch.Tensor:
+        """Logits ``[len(chunks), vocab]`` of the step of ``chunks`` (``SeqChunk``s)."""
+
+
 class Backend(ABC):
     name: str = ""
     # True for a backend that shards the model over devices itself (neuron, with

@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import torch
 
-from neuronserve.backends.base import Backend, ModelRunner, kv_cache_torch_dtype, register_backend
+from neuronserve.backends.base import (
+    Backend,
+    ChunkModelRunner,
+    ModelRunner,
+    kv_cache_torch_dtype,
+    register_backend,
+)
 from neuronserve.backends.cpu_layout import use_transposed_linears
 from neuronserve.backends.inputs import (
     SeqChunk,
     StepInputs,
     build_step_inputs,
-    chunks_from_output,
     eager_attention_plan,
 )
 from neuronserve.config import CacheConfig, ModelConfig, SchedulerConfig
-from neuronserve.core import SchedulerOutput
 
 
-class CPUModelRunner(ModelRunner):
+class CPUModelRunner(ChunkModelRunner):
     def __init__(
         self,
         model: torch.nn.Module,
@@ -49,9 +53,6 @@ class CPUModelRunner(ModelRunner):
     @property
     def kv_cache_bytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
-
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        return self.run_chunks(chunks_from_output(out))
 
     @torch.inference_mode()
     def run_chunks(self, chunks: list[SeqChunk]) -> torch.Tensor:

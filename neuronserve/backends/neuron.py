@@ -58,19 +58,8 @@ class NeuronStep(nn.Module):
         self.model = model
         self.kv_cache = nn.Parameter(kv_cache, requires_grad=False)
 
-    def forward(
-        self, input_ids, positions, slot_mapping, block_tables, context_lens, query_start_loc, logits_indices
-    ):
-        logits, _ = self.model(
-            input_ids,
-            positions,
-            slot_mapping,
-            block_tables,
-            context_lens,
-            query_start_loc,
-            logits_indices,
-            self.kv_cache,
-        )
+    def forward(self, *step_inputs):  # StepInputs.as_args()
+        logits, _ = self.model(*step_inputs, self.kv_cache)
         return logits, self.kv_cache
 
 

@@ -15,11 +15,11 @@ from collections import Counter
 import torch
 
 from neuronserve.backends.artifacts import ArtifactCache, cache_key, load_or_compile, open_store
-from neuronserve.backends.base import ModelRunner, kv_cache_torch_dtype
+from neuronserve.backends.base import ChunkModelRunner, kv_cache_torch_dtype
 from neuronserve.backends.cpu import check_token_ids
-from neuronserve.backends.inputs import SeqChunk, StepInputs, build_step_inputs, chunks_from_output
+from neuronserve.backends.inputs import SeqChunk, StepInputs, build_step_inputs
 from neuronserve.config import CacheConfig, CompileConfig, ModelConfig, SchedulerConfig
-from neuronserve.core import PAD_BLOCK_ID, SchedulerOutput
+from neuronserve.core import PAD_BLOCK_ID
 from neuronserve.core.buckets import Bucket, make_buckets, pick_bucket
 
 
@@ -36,7 +36,7 @@ def weight_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-class StaticGraphRunner(ModelRunner):
+class StaticGraphRunner(ChunkModelRunner):
     backend_name = ""
     extension = ""
 
@@ -113,9 +113,6 @@ class StaticGraphRunner(ModelRunner):
             num_seqs=bucket.num_seqs,
             max_blocks=bucket.max_blocks,
         )
-
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        return self.run_chunks(chunks_from_output(out))
 
     @torch.inference_mode()
     def run_chunks(self, chunks: list[SeqChunk]) -> torch.Tensor:

@@ -24,33 +24,14 @@ from neuronserve.core.buckets import Bucket
 
 
 class TracedStep(nn.Module):
-    """One step of the model with the KV cache as the last input (updated in place)."""
+    """One step of the model: ``StepInputs.as_args()`` then the KV cache (updated in place)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(
-        self,
-        input_ids,
-        positions,
-        slot_mapping,
-        block_tables,
-        context_lens,
-        query_start_loc,
-        logits_indices,
-        kv_cache,
-    ):
-        return self.model(
-            input_ids,
-            positions,
-            slot_mapping,
-            block_tables,
-            context_lens,
-            query_start_loc,
-            logits_indices,
-            kv_cache,
-        )
+    def forward(self, *step_inputs_and_kv_cache):
+        return self.model(*step_inputs_and_kv_cache)
 
 
 def _stub_weights(program: torch.export.ExportedProgram) -> None:

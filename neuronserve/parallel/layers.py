@@ -132,6 +132,14 @@ class ParallelLinear(nn.Linear):
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
         param.data.copy_(self._shard(loaded, param is self.bias))
 
+    def _load_part(
+        self, param: torch.Tensor, loaded: torch.Tensor, size: int, offset: int, rows: Index
+    ) -> None:
+        """One part of a fused layer (``size`` output features in the checkpoint): its ``rows``
+        go to local rows ``offset:offset + len(rows)``."""
+        _check_shape(loaded, (size,) if param is self.bias else (size, self.input_size))
+        param.data.narrow(0, offset, len(rows)).copy_(select(loaded, 0, rows))
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, tp={self.tp_rank}/{self.tp_size}, collective={self.collective}"
 
@@ -171,10 +179,8 @@ class MergedColumnParallelLinear(ParallelLinear):
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
         part = int(shard_id)
-        size, is_bias = self.output_sizes[part], param is self.bias
-        _check_shape(loaded, (size,) if is_bias else (size, self.input_size))
-        rows = shard_range(size, self.tp_rank, self.tp_size)
-        param.data.narrow(0, self.part_offsets[part], len(rows)).copy_(select(loaded, 0, rows))
+        rows = shard_range(self.output_sizes[part], self.tp_rank, self.tp_size)
+        self._load_part(param, loaded, self.output_sizes[part], self.part_offsets[part], rows)
 
 
 class QKVParallelLinear(ParallelLinear):
@@ -201,9 +207,8 @@ class QKVParallelLinear(ParallelLinear):
         super().__init__(hidden_size, q_size + 2 * kv_size, out_index, range(hidden_size), bias, group)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
-        rows, size, is_bias = self.part_rows[shard_id], self.part_sizes[shard_id], param is self.bias
-        _check_shape(loaded, (size,) if is_bias else (size, self.input_size))
-        param.data.narrow(0, self.part_offsets[shard_id], len(rows)).copy_(select(loaded, 0, rows))
+        size, offset, rows = self.part_sizes[shard_id], self.part_offsets[shard_id], self.part_rows[shard_id]
+        self._load_part(param, loaded, size, offset, rows)
 
 
 class RowParallelLinear(ParallelLinear):

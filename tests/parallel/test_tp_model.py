@@ -42,7 +42,7 @@ def model_dirs(tmp_path_factory):
     return dirs
 
 
-def _check_ranks(name, model_dirs, results, tp):
+def assert_ranks_match_tp1(name, model_dirs, results, tp):
     reference = model_logits(SINGLE, model_dirs[name])
     for kind in ("eager", "padded"):
         for step, (got, want) in enumerate(zip(results[0][kind], reference[kind])):
@@ -79,7 +79,7 @@ def test_tensor_parallel_logits_equal_tp1(model_dirs, tp):
     dirs = model_dirs if tp == 2 else {k: model_dirs[k] for k in ("gqa-9-3", "mha-5-tied")}
     per_rank = run_ranks(_run_all, tp, dirs)
     for name in dirs:
-        _check_ranks(name, model_dirs, [r[name] for r in per_rank], tp)
+        assert_ranks_match_tp1(name, model_dirs, [r[name] for r in per_rank], tp)
 
 
 def test_int8_weights_and_kv_cache_at_tp2_are_as_accurate_as_at_tp1(model_dirs):
