@@ -27,6 +27,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--artifact-cache", "--cache", default=None, help="compiled graphs: a directory or s3://bucket/prefix"
     )
     graphs.add_argument(
+        "--buckets", default=None, help="token buckets (a step's padded size), e.g. 16,64 (default: 16..512)"
+    )
+    graphs.add_argument(
         "--context-buckets", default=None, help="context lengths graphs are built for, e.g. 256,1024"
     )
     graphs.add_argument(
@@ -37,6 +40,14 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--auto-cast", default="none", choices=["none", "matmult", "all"], help="neuronx-cc --auto-cast"
     )
     graphs.add_argument("--lnc", type=int, default=None, choices=[1, 2], help="Trn2 logical NeuronCore size")
+
+
+def _token_buckets(args: argparse.Namespace, max_batched: int = 512) -> dict:
+    """SchedulerConfig arguments for --buckets: the buckets, and a step budget they can hold."""
+    if not args.buckets:
+        return {"max_num_batched_tokens": max_batched}
+    buckets = tuple(int(b) for b in args.buckets.split(","))
+    return {"token_buckets": buckets, "max_num_batched_tokens": min(max_batched, max(buckets))}
 
 
 def _compile_config(args: argparse.Namespace):
@@ -91,7 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(comp)
     comp.set_defaults(backend="cpu-traced")
-    comp.add_argument("--buckets", default=None, help="token buckets, e.g. 16,32,64,128 (default: 16..512)")
     comp.add_argument("--max-num-seqs", type=int, default=32, help="the batch a graph holds (its B)")
 
     sim = commands.add_parser(
@@ -214,7 +224,10 @@ def _bench_engine(args: argparse.Namespace, most_in_flight: int):
         args.model,
         backend=args.backend,
         scheduler_config=SchedulerConfig(
-            max_num_seqs=min(most_in_flight, 64), max_model_len=args.max_model_len, max_waiting=None
+            max_num_seqs=min(most_in_flight, 64),
+            max_model_len=args.max_model_len,
+            max_waiting=None,
+            **_token_buckets(args),
         ),
         cache_config=CacheConfig(cache_dtype=args.kv_cache_dtype),
         kv_cache_gb=1.0,
@@ -320,9 +333,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     scheduler_config = SchedulerConfig(
         max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         max_waiting=args.max_waiting,
+        **_token_buckets(args, args.max_num_batched_tokens),
     )
     cache_config = CacheConfig(
         enable_prefix_caching=not args.no_prefix_caching, cache_dtype=args.kv_cache_dtype
@@ -362,7 +375,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         hold_markup=args.hold_markup,
     )
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    scheduler_config = SchedulerConfig(max_num_seqs=1, max_model_len=args.max_model_len)
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=1, max_model_len=args.max_model_len, **_token_buckets(args)
+    )
     engine = Engine.from_pretrained(
         args.model,
         backend=args.backend,
@@ -402,12 +417,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from neuronserve.backends.build import ModelSpec, build_rank
     from neuronserve.config import CacheConfig, SchedulerConfig
 
-    buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else None
     scheduler_config = SchedulerConfig(
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=max(buckets) if buckets else 512,
-        max_model_len=args.max_model_len,
-        **({"token_buckets": buckets} if buckets else {}),
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, **_token_buckets(args)
     )
     spec = ModelSpec(
         model=args.model,
