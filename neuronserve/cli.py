@@ -215,26 +215,33 @@ def _bench_specs(args: argparse.Namespace) -> list:
     return specs
 
 
-def _bench_engine(args: argparse.Namespace, most_in_flight: int):
-    """The in-process engine ``neuronserve bench`` measures when no --base-url is given."""
-    from neuronserve.config import CacheConfig, SchedulerConfig
+def _engine(args: argparse.Namespace, scheduler_config, cache_config, kv_cache_gb: float):
+    """An engine for the model and backend options every command shares (_add_model_args)."""
     from neuronserve.engine.engine import Engine
 
     return Engine.from_pretrained(
         args.model,
         backend=args.backend,
-        scheduler_config=SchedulerConfig(
-            max_num_seqs=min(most_in_flight, 64),
-            max_model_len=args.max_model_len,
-            max_waiting=None,
-            **_token_buckets(args),
-        ),
-        cache_config=CacheConfig(cache_dtype=args.kv_cache_dtype),
-        kv_cache_gb=1.0,
+        scheduler_config=scheduler_config,
+        cache_config=cache_config,
+        kv_cache_gb=kv_cache_gb,
         quantization=args.quantization,
         tensor_parallel_size=args.tensor_parallel_size,
         compile_config=_compile_config(args),
     )
+
+
+def _bench_engine(args: argparse.Namespace, most_in_flight: int):
+    """The in-process engine ``neuronserve bench`` measures when no --base-url is given."""
+    from neuronserve.config import CacheConfig, SchedulerConfig
+
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=min(most_in_flight, 64),
+        max_model_len=args.max_model_len,
+        max_waiting=None,
+        **_token_buckets(args),
+    )
+    return _engine(args, scheduler_config, CacheConfig(cache_dtype=args.kv_cache_dtype), kv_cache_gb=1.0)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -342,16 +349,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
     def load_engine() -> Engine:
-        return Engine.from_pretrained(
-            args.model,
-            backend=args.backend,
-            scheduler_config=scheduler_config,
-            cache_config=cache_config,
-            kv_cache_gb=args.kv_cache_gb,
-            quantization=args.quantization,
-            tensor_parallel_size=args.tensor_parallel_size,
-            compile_config=_compile_config(args),
-        )
+        return _engine(args, scheduler_config, cache_config, args.kv_cache_gb)
 
     app = create_app(load_engine, args.served_model_name or args.model, api_key=args.api_key or None)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -360,7 +358,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from neuronserve.config import CacheConfig, SchedulerConfig
-    from neuronserve.engine.engine import Engine
     from neuronserve.engine.params import SamplingParams
 
     params = SamplingParams(
@@ -378,16 +375,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     scheduler_config = SchedulerConfig(
         max_num_seqs=1, max_model_len=args.max_model_len, **_token_buckets(args)
     )
-    engine = Engine.from_pretrained(
-        args.model,
-        backend=args.backend,
-        scheduler_config=scheduler_config,
-        cache_config=CacheConfig(cache_dtype=args.kv_cache_dtype),
-        kv_cache_gb=0.5,
-        quantization=args.quantization,
-        tensor_parallel_size=args.tensor_parallel_size,
-        compile_config=_compile_config(args),
-    )
+    engine = _engine(args, scheduler_config, CacheConfig(cache_dtype=args.kv_cache_dtype), kv_cache_gb=0.5)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = engine.tokenizer.apply_chat_template([*messages, {"role": "user", "content": prompt}])
