@@ -137,7 +137,16 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(out_features, groups))
         self.register_buffer("minimum", torch.zeros(out_features, groups))
-        self._kernel_weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The same weights in ``_weight_int4pack_mm_for_cpu``'s layout, rebuilt whenever they
+        # change (buffers, not a cache filled on first use, so a traced graph is the same on every
+        # trace). Its format computes ``(q - 8) * scale + zero``: zero = minimum + 8 * scale.
+        self.register_buffer(
+            "packed_weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8), persistent=False
+        )
+        self.register_buffer(
+            "scale_zero", torch.zeros(groups, out_features, 2, dtype=torch.bfloat16), persistent=False
+        )
+        self.register_load_state_dict_post_hook(lambda module, _: module.refresh())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> Int4Linear:
@@ -152,6 +161,7 @@ class Int4Linear(QuantizedLinear):
         layer.qweight.copy_(q[:, 0::2] | (q[:, 1::2] << 4))
         layer.scale.copy_(scale)
         layer.minimum.copy_(low)
+        layer.refresh()
         return layer
 
     def dequantize(self) -> torch.Tensor:
@@ -159,29 +169,20 @@ class Int4Linear(QuantizedLinear):
         q = q.view(self.out_features, -1, self.group_size).float()
         return (q * self.scale[..., None] + self.minimum[..., None]).view(self.out_features, self.in_features)
 
-    def _packed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weights in ``_weight_int4pack_mm_for_cpu``'s layout, built on first use: its format
-        computes ``(q - 8) * scale + zero``, so zero = minimum + 8 * scale."""
-        if self._kernel_weights is None:
-            q = torch.stack([self.qweight & 0xF, self.qweight >> 4], dim=-1).view(self.out_features, -1)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-            zero = self.minimum + 8 * self.scale
-            scale_zero = (
-                torch.stack([self.scale, zero], dim=-1).transpose(0, 1).contiguous()
-            )  # (groups, out, 2)
-            self._kernel_weights = (packed, scale_zero.to(torch.bfloat16))
-        return self._kernel_weights
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._kernel_weights = None
-        super()._load_from_state_dict(*args, **kwargs)
+    @torch.no_grad()
+    def refresh(self) -> None:
+        q = torch.stack([self.qweight & 0xF, self.qweight >> 4], dim=-1).view(self.out_features, -1)
+        self.packed_weight.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+        zero = self.minimum + 8 * self.scale
+        self.scale_zero.copy_(torch.stack([self.scale, zero], dim=-1).transpose(0, 1))  # (groups, out, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if _packed_kernel(x, rows):
-            packed, scale_zero = self._packed()
             flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, scale_zero)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat, self.packed_weight, self.group_size, self.scale_zero
+            )
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))

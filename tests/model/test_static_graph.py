@@ -20,10 +20,10 @@ PAD = dict(num_tokens=16, num_seqs=4, max_blocks=8)
 
 def _variant(kind: str) -> LlamaForCausalLM:
     hf, model = make_pair("gqa-9-3-llama3")
-    if kind == "int8":
+    if kind in ("int8", "int4"):
         from neuronserve.quant import quantize_model
 
-        quantize_model(model, "int8")
+        quantize_model(model, kind, group_size=16)  # 16 divides this config's widths
     if kind == "tp2-rank1":
         model = LlamaForCausalLM(model.config, RankOf(1, 2))  # collectives: identity here
         model.load_weights(hf.state_dict().items())
@@ -38,7 +38,7 @@ def _graph(model, chunks) -> str:
     return program.graph_module.code
 
 
-@pytest.mark.parametrize("kind", ["fp32", "int8", "tp2-rank1"])
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int4", "tp2-rank1"])
 def test_one_graph_per_bucket_whatever_the_batch_holds(kind):
     model = _variant(kind)
     one_prefill = [SeqChunk([1, 2, 3], 0, [1])]
