@@ -18,8 +18,8 @@ from neuronserve.backends.base import (
 from neuronserve.backends.cpu_layout import use_transposed_linears
 from neuronserve.backends.inputs import (
     SeqChunk,
-    StepInputs,
     build_step_inputs,
+    check_token_ids,
     eager_attention_plan,
 )
 from neuronserve.config import CacheConfig, ModelConfig, SchedulerConfig
@@ -59,20 +59,12 @@ class CPUModelRunner(ChunkModelRunner):
         """The step of ``chunks`` (what ``execute`` runs; tensor-parallel workers call it directly)."""
         if not chunks:
             return torch.empty(0, self.model_config.vocab_size)
+        check_token_ids(chunks, self.model_config.vocab_size)
         inputs = build_step_inputs(chunks, self.cache_config.block_size)
-        check_token_ids(inputs, self.model_config.vocab_size)
         plan = eager_attention_plan(chunks, self.cache_config.block_size)
         plan.workspace = self._workspace(plan.num_decode_tokens * inputs.block_tables.shape[1])
         logits, _ = self.model(*inputs.as_args(), self.kv_cache, plan=plan)
         return logits[: inputs.num_seqs]
-
-
-def check_token_ids(inputs: StepInputs, vocab_size: int) -> None:
-    """Refuse ids the embedding table does not have, before they reach the model."""
-    if inputs.num_tokens and int(inputs.input_ids.max()) >= vocab_size:
-        raise ValueError(
-            f"prompt_token_ids: token id {int(inputs.input_ids.max())} >= vocab_size {vocab_size}"
-        )
 
 
 @register_backend("cpu")

@@ -111,6 +111,14 @@ def build_step_inputs(
     )
 
 
+def check_token_ids(chunks: Sequence[SeqChunk], vocab_size: int) -> None:
+    """Refuse ids the embedding table does not have, before they reach the model (or, with
+    tensor parallelism, before any rank starts the step)."""
+    top = max((max(c.token_ids) for c in chunks if c.token_ids), default=-1)
+    if top >= vocab_size:
+        raise ValueError(f"prompt_token_ids: token id {top} >= vocab_size {vocab_size}")
+
+
 def eager_attention_plan(chunks: Sequence[SeqChunk], block_size: int):
     """The eager CPU split of a step's attention (see ``EagerAttentionPlan``): the leading run of
     one-token chunks takes the batched gather path; every later chunk attends as one segment."""

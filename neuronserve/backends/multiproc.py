@@ -30,7 +30,7 @@ import torch
 
 from neuronserve.backends.base import ModelRunner, RunnerDeadError
 from neuronserve.backends.build import BuiltRank, ModelSpec, build_rank
-from neuronserve.backends.inputs import SeqChunk, chunks_from_output
+from neuronserve.backends.inputs import check_token_ids, chunks_from_output
 from neuronserve.core import SchedulerOutput
 from neuronserve.parallel.group import DEFAULT_TIMEOUT_S, GlooGroup, open_store
 
@@ -90,7 +90,7 @@ class TensorParallelRunner(ModelRunner):
         if self._dead is not None:
             raise RunnerDeadError(self._dead)
         chunks = chunks_from_output(out)
-        _check_chunks(chunks, self.model_config.vocab_size)  # before any rank starts the step
+        check_token_ids(chunks, self.model_config.vocab_size)  # before any rank starts the step
         try:
             for conn in self._conns:
                 conn.send(("step", chunks))
@@ -151,12 +151,6 @@ class TensorParallelRunner(ModelRunner):
     @property
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self._procs]
-
-
-def _check_chunks(chunks: list[SeqChunk], vocab_size: int) -> None:
-    for chunk in chunks:
-        if chunk.token_ids and max(chunk.token_ids) >= vocab_size:
-            raise ValueError(f"prompt_token_ids: token id {max(chunk.token_ids)} >= vocab_size {vocab_size}")
 
 
 def _poll_error(conn) -> str | None:

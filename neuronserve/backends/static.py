@@ -16,8 +16,7 @@ import torch
 
 from neuronserve.backends.artifacts import ArtifactCache, cache_key, load_or_compile, open_store
 from neuronserve.backends.base import ChunkModelRunner, kv_cache_torch_dtype
-from neuronserve.backends.cpu import check_token_ids
-from neuronserve.backends.inputs import SeqChunk, StepInputs, build_step_inputs
+from neuronserve.backends.inputs import SeqChunk, StepInputs, build_step_inputs, check_token_ids
 from neuronserve.config import CacheConfig, CompileConfig, ModelConfig, SchedulerConfig
 from neuronserve.core import PAD_BLOCK_ID
 from neuronserve.core.buckets import Bucket, make_buckets, pick_bucket
@@ -118,6 +117,7 @@ class StaticGraphRunner(ChunkModelRunner):
     def run_chunks(self, chunks: list[SeqChunk]) -> torch.Tensor:
         if not chunks:
             return torch.empty(0, self.model_config.vocab_size)
+        check_token_ids(chunks, self.model_config.vocab_size)
         block_size = self.cache_config.block_size
         num_tokens = sum(len(c.token_ids) for c in chunks)
         num_blocks = max(-(-(c.start + len(c.token_ids)) // block_size) for c in chunks)
@@ -129,7 +129,6 @@ class StaticGraphRunner(ChunkModelRunner):
             num_seqs=bucket.num_seqs,
             max_blocks=bucket.max_blocks,
         )
-        check_token_ids(inputs, self.model_config.vocab_size)
         logits = self.run_graph(self.graphs[bucket], inputs)
         self.calls[bucket] += 1
         return logits[: len(chunks)].float()
