@@ -1,0 +1,33 @@
+"""Which instruction set the native kernels run (the best one this CPU has, unless forced)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from neuronserve.ops._lib import ISA_NAMES
+
+# LLM(kernels=...) / --kernels: the native kernels (default) or the torch paths, for comparison.
+KERNEL_CHOICES = ("native", "torch")
+
+_forced = os.environ.get("NEURONSERVE_KERNEL_ISA", "")
+
+
+def native_isa() -> int:
+    """The ISA code passed to the library: -1 for the best available, else the forced one."""
+    return ISA_NAMES.index(_forced) if _forced else -1
+
+
+@contextmanager
+def forced_isa(name: str) -> Iterator[None]:
+    """Run the kernels with at most ``name``'s instructions (``scalar``, ``avx2``, ``avx512``,
+    ``avx512_vnni``) inside the block: how the tests cover every path on one machine."""
+    global _forced
+    if name not in ISA_NAMES:
+        raise ValueError(f"isa: {name!r} is not one of {', '.join(ISA_NAMES)}")
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous

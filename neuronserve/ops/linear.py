@@ -1,0 +1,175 @@
+"""``x @ W^T`` on the native GEMM/GEMV kernels, for every weight format the quant module makes.
+
+Weights stay in the layout ``nn.Linear`` and ``neuronserve.quant`` keep them ([out, in] rows; int4
+two values a byte), so the swap copies nothing. fp32, int8 and fp8 rows are read and widened in
+registers, with fp32 activations (exact up to summation order). On AVX-512 VNNI, int8 layers with
+more than ``VNNI_MIN_ROWS`` rows instead quantize the activations per row in blocks of 32 (one
+scale each, as llama.cpp's Q8_0) and multiply in int8: several times the fp32 FLOP rate where a
+step is compute-bound. fp32 layers with more than ``NATIVE_F32_MAX_ROWS`` rows (prefill) go to
+torch's GEMM (MKL), which is faster there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuronserve.ops import _lib
+from neuronserve.ops.dispatch import native_isa
+
+W_F32, W_I8, W_FP8, W_I4 = 0, 1, 2, 3
+WEIGHT_DTYPES = {W_F32: torch.float32, W_I8: torch.int8, W_FP8: torch.float8_e4m3fn, W_I4: torch.uint8}
+Q8_BLOCK = 32
+
+# Measured by benchmarks/kernels.py on the 2-core AVX-512 machine (see the README).
+VNNI_MIN_ROWS = 4
+NATIVE_F32_MAX_ROWS = 64
+
+_lib_def = torch.library.Library("neuronserve", "FRAGMENT")
+_lib_def.define(
+    "linear(Tensor x, Tensor weight, int wtype, Tensor? scale, Tensor? minimum, int group_size, "
+    "Tensor? bias, Tensor? wsum) -> Tensor"
+)
+
+
+# ------------------------------------------------------------------------------------ references
+def dequantize_weight(weight, wtype, scale, minimum, group_size) -> torch.Tensor:
+    """The fp32 ``[N, K]`` weight a (quantized) weight stands for."""
+    if wtype == W_F32:
+        return weight.float()
+    if wtype in (W_I8, W_FP8):
+        return weight.float() * scale[:, None]
+    q = torch.stack([weight & 0xF, weight >> 4], dim=-1).view(weight.shape[0], -1, group_size).float()
+    return (q * scale[..., None] + minimum[..., None]).flatten(1)
+
+
+def q8_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x [M, K]`` as the VNNI path sees it: rounded to int8 per row in blocks of 32 inputs, one
+    scale (max |x| / 127) each."""
+    blocks = x.reshape(x.shape[0], -1, Q8_BLOCK)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(scale > 0, (blocks / scale).round().clamp(-127, 127), torch.zeros_like(blocks))
+    return (q * scale).reshape(x.shape)
+
+
+def linear_reference(x, weight, wtype, scale, minimum, group_size, bias, wsum) -> torch.Tensor:
+    """Torch composite of ``linear``: dequantize, then ``F.linear`` (exact fp32 activations; the
+    VNNI path's activations differ from these by their int8 rounding, see ``q8_activations``)."""
+    return F.linear(x, dequantize_weight(weight, wtype, scale, minimum, group_size), bias)
+
+
+def weight_block_sums(weight: torch.Tensor) -> torch.Tensor:
+    """``wsum [N, K / 32]`` int32: each 32-input block's sum of an int8 weight's row."""
+    return weight.view(weight.shape[0], -1, Q8_BLOCK).sum(-1, dtype=torch.int32).contiguous()
+
+
+# ------------------------------------------------------------------------------------ native impl
+def _check_linear(x, weight, wtype, scale, minimum, group_size, bias, wsum) -> tuple[int, int, int]:
+    if wtype not in WEIGHT_DTYPES:
+        raise ValueError(f"wtype: {wtype} is not one of {sorted(WEIGHT_DTYPES)}")
+    if weight.dtype != WEIGHT_DTYPES[wtype] or weight.dim() != 2 or not weight.is_contiguous():
+        raise ValueError(f"weight: expected a contiguous 2-d {WEIGHT_DTYPES[wtype]} tensor")
+    if x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous():
+        raise ValueError("x: expected a contiguous 2-d float32 tensor")
+    M, K = x.shape
+    N = weight.shape[0]
+    if weight.shape[1] * (2 if wtype == W_I4 else 1) != K:
+        raise ValueError(f"weight: shape {tuple(weight.shape)} does not match x's {K} inputs")
+    if wtype != W_F32:
+        groups = K // group_size if wtype == W_I4 else None
+        expected = (N, groups) if groups else (N,)
+        for name, t in (("scale", scale), ("minimum", minimum if wtype == W_I4 else scale)):
+            if t is None or t.dtype != torch.float32 or tuple(t.shape) != expected or not t.is_contiguous():
+                raise ValueError(f"{name}: expected a contiguous float32 tensor of shape {expected}")
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (N,)):
+        raise ValueError(f"bias: expected float32 of shape ({N},)")
+    if wsum is not None and (wsum.dtype != torch.int32 or tuple(wsum.shape) != (N, K // Q8_BLOCK)):
+        raise ValueError(f"wsum: expected int32 of shape ({N}, {K // Q8_BLOCK})")
+    return M, K, N
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _linear_cpu(x, weight, wtype, scale, minimum, group_size, bias, wsum):
+    if _lib.LIB is None:
+        return linear_reference(x, weight, wtype, scale, minimum, group_size, bias, wsum)
+    M, K, N = _check_linear(x, weight, wtype, scale, minimum, group_size, bias, wsum)
+    y = x.new_empty(M, N)
+    status = _lib.LIB.ns_linear(
+        x.data_ptr(), y.data_ptr(), M, K, N, weight.data_ptr(), wtype, _ptr(scale), _ptr(minimum),
+        group_size, _ptr(bias), _ptr(wsum), native_isa(), torch.get_num_threads(),
+    )  # fmt: skip
+    _lib.check(status)
+    return y
+
+
+_lib_def.impl("linear", _linear_cpu, "CPU")
+
+
+@torch.library.register_fake("neuronserve::linear")
+def _linear_fake(x, weight, wtype, scale, minimum, group_size, bias, wsum):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def linear(x, weight, wtype=W_F32, scale=None, minimum=None, group_size=0, bias=None, wsum=None):
+    """``x [M, K] @ W^T (+ bias)`` with ``W [N, K]`` in format ``wtype`` (see the module doc);
+    ``wsum`` (int8 only) selects the VNNI path with int8 activations."""
+    return torch.ops.neuronserve.linear(x, weight, wtype, scale, minimum, group_size, bias, wsum)
+
+
+# ------------------------------------------------------------------------------------ module swap
+class NativeLinear(nn.Module):
+    """A linear layer (fp32 ``nn.Linear`` or a ``neuronserve.quant`` layer) run on the native
+    kernels. It shares the tensors of the layer it replaces (no copy) and keeps its collective."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        from neuronserve.quant.linear import FP8Linear, Int4Linear, Int8Linear
+
+        self.collective = getattr(layer, "collective", None)
+        self.scale = self.minimum = self.wsum = None
+        self.group_size = 0
+        if isinstance(layer, Int8Linear):
+            self.wtype, self.weight, self.scale = W_I8, layer.qweight, layer.scale
+            if _lib.LIB is not None and _lib.best_isa() == "avx512_vnni" and layer.in_features % Q8_BLOCK == 0:
+                self.wsum = weight_block_sums(layer.qweight)
+        elif isinstance(layer, FP8Linear):
+            self.wtype, self.weight, self.scale = W_FP8, layer.qweight, layer.scale
+        elif isinstance(layer, Int4Linear):
+            self.wtype, self.weight = W_I4, layer.qweight
+            self.scale, self.minimum, self.group_size = layer.scale, layer.minimum, layer.group_size
+        elif isinstance(layer, nn.Linear):
+            self.wtype, self.weight = W_F32, layer.weight.detach()
+        else:
+            raise TypeError(f"layer: cannot run {type(layer).__name__} on the native kernels")
+        self.bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        rows = flat.shape[0]
+        if self.wtype == W_F32 and rows > NATIVE_F32_MAX_ROWS:
+            y = F.linear(flat, self.weight, self.bias)
+        else:
+            wsum = self.wsum if rows >= VNNI_MIN_ROWS else None
+            y = linear(flat.contiguous(), self.weight, self.wtype, self.scale, self.minimum, self.group_size,
+                       self.bias, wsum)  # fmt: skip
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.collective is None else self.collective(y)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, wtype={self.wtype}"
+
+
+def use_native_linears(model: nn.Module) -> nn.Module:
+    """Swap every linear layer of ``model`` (fp32 or quantized) for a ``NativeLinear``, in place."""
+    from neuronserve.quant.linear import QuantizedLinear
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, (nn.Linear, QuantizedLinear)):
+                setattr(module, name, NativeLinear(child))
+    return model
