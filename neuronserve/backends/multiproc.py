@@ -16,15 +16,18 @@ their parent process is gone (a watchdog thread), so no worker outlives the engi
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
 import weakref
+from pathlib import Path
 
 import torch
 
@@ -37,6 +40,33 @@ from neuronserve.parallel.group import DEFAULT_TIMEOUT_S, GlooGroup, open_store
 logger = logging.getLogger(__name__)
 
 _STARTUP_TIMEOUT_S = 600.0  # loading a model per rank (GGUF conversion on a cold cache included)
+MAIN_GUARD_HINT = (
+    "the workers are spawned processes that import your script again, so the code that creates the "
+    "LLM (or engine) must run only in the main process. Put it under a main guard:\n\n"
+    '    if __name__ == "__main__":\n'
+    "        main()\n"
+)
+
+
+def _main_script_unguarded() -> bool:
+    """Whether ``__main__`` is a script file with no ``if __name__ == "__main__":`` in it (so a
+    spawned worker, which imports it again, runs the whole script)."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not path or not str(path).endswith(".py"):
+        return False  # python -c, an interactive session, a module run with -m: nothing re-runs
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return False
+    for node in ast.walk(tree):
+        names_main = isinstance(node, ast.Compare) and isinstance(node.left, ast.Name)
+        if (
+            names_main
+            and node.left.id == "__name__"
+            and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in node.comparators)
+        ):
+            return False
+    return True
 
 
 def threads_per_rank(tp_size: int) -> int:
@@ -50,6 +80,11 @@ class TensorParallelRunner(ModelRunner):
 
     def __init__(self, spec: ModelSpec, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.tp_size = spec.tensor_parallel_size
+        if getattr(mp.current_process(), "_inheriting", False):
+            # This is a worker importing the user's script again, which creates another engine.
+            raise RuntimeError(
+                f"tensor_parallel_size={self.tp_size} in a worker's import of the script: {MAIN_GUARD_HINT}"
+            )
         if self.tp_size < 2:
             raise ValueError(f"tensor_parallel_size: a multi-process runner needs >= 2, got {self.tp_size}")
         self._dead: str | None = None
@@ -128,17 +163,21 @@ class TensorParallelRunner(ModelRunner):
                     try:
                         kind, payload = conn.recv()
                     except EOFError:
-                        kind, payload = "error", "exited without a word"
+                        kind, payload = "error", self._silent_exit_reason()
                     if kind == "error":
                         raise RuntimeError(f"tensor-parallel worker rank {rank} failed to start: {payload}")
                     if kind == what:
                         del pending[rank]
                 elif not proc.is_alive():
-                    raise RuntimeError(
-                        f"tensor-parallel worker rank {rank} {_describe_exit(proc.exitcode)} while starting"
-                    )
+                    reason = self._silent_exit_reason(f"{_describe_exit(proc.exitcode)} while starting")
+                    raise RuntimeError(f"tensor-parallel worker rank {rank} failed to start: {reason}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"tensor-parallel workers {sorted(pending)} did not start in time")
+
+    @staticmethod
+    def _silent_exit_reason(default: str = "exited without a word") -> str:
+        """Why a worker died before it could report: most often a script without a main guard."""
+        return MAIN_GUARD_HINT if _main_script_unguarded() else default
 
     def shutdown(self) -> None:
         """Stop the workers (they finish their step first) and release the group. Idempotent."""

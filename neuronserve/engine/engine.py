@@ -88,6 +88,7 @@ class Engine:
         tensor_parallel_size: int = 1,
         compile_config: CompileConfig | None = None,
         seed: int = 0,
+        kernels: str = "native",
     ) -> Engine:
         """Load ``model`` (a name, a Hugging Face directory or a GGUF file) onto ``backend``.
         ``kv_cache_gb`` (GiB, per rank), when given, sizes the KV cache instead of
@@ -96,13 +97,16 @@ class Engine:
         embedding and the LM head). ``tensor_parallel_size`` > 1 shards the model over that many
         processes (this one and spawned workers); call ``close()`` to stop them.
         ``compile_config``: buckets, compiler arguments and artifact cache of the static-graph
-        backends (``cpu-traced``, ``neuron``)."""
+        backends (``cpu-traced``, ``neuron``). ``kernels``: ``native`` (the C++ kernels, default)
+        or ``torch`` on the ``cpu`` backend."""
         import torch
 
         from neuronserve.backends import get_backend
         from neuronserve.backends.build import ModelSpec, build_rank
 
         ParallelConfig(tensor_parallel_size)  # validates it
+        if kernels not in ("native", "torch"):
+            raise ValueError(f"kernels: {kernels!r} is not one of native, torch")
         backend_impl = get_backend(backend)  # unknown names fail before any model loads
         spec = ModelSpec(
             model=model,
@@ -115,6 +119,7 @@ class Engine:
             kv_cache_gb=kv_cache_gb,
             tensor_parallel_size=tensor_parallel_size,
             compile_config=compile_config,
+            kernels=kernels,
         )
         if tensor_parallel_size == 1 or backend_impl.shards_itself:
             built = build_rank(spec)
@@ -288,11 +293,14 @@ class Engine:
             stop_reason = last
         completion = CompletionOutput(
             index=0,
-            text=text.text[: text.released],
-            token_ids=list(request.output_token_ids),
+            text_source=text,
+            num_chars=text.released,
+            token_source=request.output_token_ids,
+            num_tokens=len(request.output_token_ids),
             finish_reason=None if reason is None else reason.value,
             stop_reason=stop_reason,
-            logprobs=None if tracked.logprobs is None else list(tracked.logprobs),
+            logprobs_source=tracked.logprobs,
+            num_logprobs=0 if tracked.logprobs is None else len(tracked.logprobs),
             delta_text=delta_text,
             delta_token_ids=delta_token_ids,
         )

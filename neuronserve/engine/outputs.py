@@ -45,16 +45,37 @@ class RequestMetrics:
 
 @dataclass
 class CompletionOutput:
-    """One completion: the text and tokens so far (cumulative) and what is new since the last output."""
+    """One completion: the text and tokens so far (cumulative) and what is new since the last output.
+
+    The cumulative ``text``, ``token_ids`` and ``logprobs`` are views taken when the output was made:
+    the output keeps the request's live (append-only) text, token and logprob lists with their
+    lengths at that moment, and copies only when a field is read, so a step costs O(1) per request
+    however long its answer (a copy each step would be O(n^2) over a generation).
+    """
 
     index: int
-    text: str
-    token_ids: list[int]
+    text_source: object  # has ``.text``: released text never changes, only grows
+    num_chars: int
+    token_source: list[int]
+    num_tokens: int
     finish_reason: str | None = None  # "stop", "length", "abort"; None while running
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
-    logprobs: list[TokenLogprobs] | None = None
+    logprobs_source: list[TokenLogprobs] | None = None
+    num_logprobs: int = 0
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.text_source.text[: self.num_chars]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.token_source[: self.num_tokens]
+
+    @property
+    def logprobs(self) -> list[TokenLogprobs] | None:
+        return None if self.logprobs_source is None else self.logprobs_source[: self.num_logprobs]
 
     @property
     def finished(self) -> bool:

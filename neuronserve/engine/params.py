@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 # Below this temperature a request is decoded greedily (as vLLM does).
 GREEDY_EPSILON = 1e-5
+# OpenAI's range: above it the distribution is nearly uniform, which is never what a client means
+# (a temperature of 1e9 once generated to max_model_len: 196 s of noise).
+MAX_TEMPERATURE = 2.0
 MAX_LOGPROBS = 20
 
 
@@ -28,7 +31,7 @@ class SamplingParams:
 
     Attributes:
         max_tokens: most tokens to generate; ``None``: up to the model's context (``max_model_len``).
-        temperature: 0 decodes greedily; higher flattens the distribution.
+        temperature: 0 decodes greedily; higher flattens the distribution; at most 2.
         top_p: keep the smallest set of tokens whose probability reaches ``top_p`` (1: off).
         top_k: keep the ``top_k`` most likely tokens (0 or -1: off).
         min_p: drop tokens less likely than ``min_p`` times the most likely one (0: off).
@@ -42,7 +45,7 @@ class SamplingParams:
         presence_penalty, frequency_penalty: subtracted from the logits of tokens already generated
             (once, or once per occurrence), in [-2, 2].
         repetition_penalty: divides positive (multiplies negative) logits of tokens in the prompt or
-            the output; 1: off.
+            the output (> 0, as vLLM); 1: off.
         hold_markup: never end a streamed delta inside an unfinished tag such as ``<product id="…"/>``;
             a partial tag is held until its ``>`` arrives, or released as plain text once it is
             longer than ``max_markup_chars``. Text is only delayed, never changed.
@@ -72,8 +75,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             _fail("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        if not _is_number(self.temperature) or not 0 <= self.temperature < float("inf"):
-            _fail("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            _fail("temperature", f"must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             _fail("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < -1:
@@ -108,6 +111,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPSILON
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing else to compute: the sampler's one-argmax fast path."""
+        return self.temperature < GREEDY_EPSILON and self.logprobs is None and not self.has_penalties
 
     @property
     def has_penalties(self) -> bool:

@@ -63,6 +63,8 @@ class Sampler:
         B = logits.shape[0]
         if B == 0:
             return SamplerOutput([], [])
+        if all(s.params.plain_greedy for s in states):  # the common case: one argmax, nothing per row
+            return SamplerOutput(logits.argmax(-1).tolist(), [None] * B)
         raw = logits
         penalized = [i for i, s in enumerate(states) if s.params.has_penalties]
         if penalized:

@@ -241,3 +241,20 @@ def test_the_cpu_traced_backend_gives_each_request_its_solo_tokens(tiny_model, p
     engine = make_engine(runner)
     assert generate(engine, prompts, GREEDY, ARRIVALS) == solo
     assert len(runner.calls) > 2  # several buckets ran
+
+
+def test_outputs_are_views_taken_when_made_not_per_step_copies(tiny_model, tokenizer):
+    """Each step's output reads as it was when made, though it copies nothing while the request runs."""
+    engine = make_engine(tiny_model, tokenizer)
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), "r")
+    live = engine._tracked["r"].request.output_token_ids
+    seen = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            c = out.outputs[0]
+            assert c.token_source is live  # shared, not copied
+            seen.append((c, list(c.token_ids), c.text))
+    for c, token_ids, text in seen:  # read again after the request finished: the same snapshot
+        assert c.token_ids == token_ids and c.text == text
+    assert [len(t) for _, t, _ in seen] == list(range(1, 13))
+    assert "".join(c.delta_text for c, _, _ in seen) == seen[-1][2]

@@ -8,6 +8,13 @@ from neuronserve import SamplingParams
     [
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": 2.01}, "temperature"),
+        ({"temperature": 1e9}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"presence_penalty": float("nan")}, "presence_penalty"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
         ({"top_p": 0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -2}, "top_k"),
@@ -32,6 +39,11 @@ from neuronserve import SamplingParams
 def test_bad_values_raise_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}: "):
         SamplingParams(**kwargs)
+
+
+def test_the_ends_of_each_range_are_accepted():
+    SamplingParams(temperature=0, top_p=1, top_k=-1, min_p=0, presence_penalty=-2, frequency_penalty=2)
+    SamplingParams(temperature=2, top_p=1e-6, top_k=1, min_p=1, repetition_penalty=5, max_tokens=1)
 
 
 def test_defaults_and_normalisation():

@@ -31,6 +31,23 @@ def test_top_k_top_p_and_min_p_mask_the_tail():
     assert kept[3].all() and torch.equal(out[3], logits[3])
 
 
+def test_an_all_greedy_batch_is_one_argmax(monkeypatch):
+    from neuronserve.engine import sampler as sampler_module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a plain greedy batch must not take the per-row path")
+
+    monkeypatch.setattr(sampler_module, "apply_penalties", forbidden)
+    monkeypatch.setattr(sampler_module, "_logprobs", forbidden)
+    monkeypatch.setattr(Sampler, "_probs", staticmethod(forbidden))
+    logits = torch.randn(64, 50)
+    out = Sampler()(logits, [state(SamplingParams(temperature=0, max_tokens=4)) for _ in range(64)])
+    assert out.token_ids == logits.argmax(-1).tolist() and out.logprobs == [None] * 64
+    # A greedy request with a penalty is not plain: it takes the grouped path.
+    assert not SamplingParams(temperature=0, presence_penalty=0.5).plain_greedy
+    assert not SamplingParams(temperature=0, logprobs=1).plain_greedy
+
+
 def test_greedy_and_sampled_rows_share_a_batch():
     logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 0.0, 9.0], [2.0, 1.0, 0.0]])
     states = [

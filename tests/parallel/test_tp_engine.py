@@ -176,6 +176,19 @@ def test_workers_exit_when_the_engine_process_is_killed(tiny_dir):
         proc.kill()
 
 
+def test_a_script_without_a_main_guard_is_told_how_to_fix_it(tiny_dir, tmp_path):
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "from neuronserve.llm import LLM\n"
+        f"llm = LLM({tiny_dir!r}, tensor_parallel_size=2, num_blocks=32, max_num_seqs=2, max_model_len=256)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert done.returncode != 0
+    last_error = done.stderr.strip().splitlines()
+    assert "RuntimeError: tensor-parallel worker rank 1 failed to start" in done.stderr, done.stderr[-2000:]
+    assert 'if __name__ == "__main__":' in done.stderr and last_error[-1].strip() == "main()"
+
+
 def test_serve_with_tensor_parallel_size_2(tiny_dir):
     with LLM(tiny_dir, max_num_seqs=2, num_blocks=64, max_model_len=256) as tp1:
         expected = tp1.generate([PROMPTS[0]], GREEDY, use_tqdm=False)[0].outputs[0].text
