@@ -19,20 +19,10 @@ from pathlib import Path
 import torch
 
 from neuronserve.backends import get_backend
+from neuronserve.bench.machine import memory_bandwidth_gbs
 from neuronserve.config import CacheConfig, SchedulerConfig
 from neuronserve.core import Request, Scheduler
 from neuronserve.model.loader import load_model
-
-
-def memory_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
-    """Read bandwidth: the best of a few full passes (a sum) over a buffer far larger than cache."""
-    x = torch.ones(mib * 2**20 // 4)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:

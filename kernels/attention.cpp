@@ -1,113 +1,1009 @@
-// Paged attention and the K/V write (placeholder: plain loops; vectorized kernels replace these).
-#include <cmath>
-#include <cstring>
-#include <vector>
+// Paged attention read in place through the block tables, and the K/V write that precedes it.
+//
+// Compiled once per instruction set (NS_ISA = scalar, avx2, avx512); one source, with a thin
+// SIMD layer (vf: W floats) below and the algorithm written once above it.
+//
+// Attention design:
+// - Work is cut into units: (sequence, KV head, tile of query tokens, range of keys). A unit's
+//   rows are every query head of the KV head's GQA group for every token of the tile, so each
+//   K/V row, once brought into L1, serves all of them: in decode (one tile per sequence) K and V
+//   are read from memory once per (sequence, KV head).
+// - Keys go by chunks of W. The chunk's K rows are converted to fp32 and transposed into
+//   KT[d][key] so that a row's W scores are hd FMAs of a broadcast q[d] with KT[d] (no
+//   horizontal sums); its V rows become VB[key][d] and each row accumulates O += p[key] * VB[key].
+// - Softmax is online in fp32 (running max m, sum l per row; O rescaled when m grows). int8/fp8
+//   scales are folded in: the K scale into q (with the softmax scale), the V scale into 1 / l.
+// - When few units would leave threads idle on long contexts, a tile's keys are split into
+//   partitions whose partial (m, l, O) are merged afterwards (flash-decoding).
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__)
+// GCC 12 reports the _mm512_undefined_* inside set1/convert intrinsics as maybe-uninitialized
+// (GCC bug 105593, a false positive): silenced for the intrinsics' header only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#endif
 
 #include "internal.h"
 
 namespace ns::NS_ISA {
 
 namespace {
-float fp8_to_float(uint8_t b) {
-    uint32_t bits = uint32_t(b & 0x7F) << 20;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+template <class To, class From>
+inline To bit_cast(From x) {
+    static_assert(sizeof(To) == sizeof(From));
+    To y;
+    std::memcpy(&y, &x, sizeof y);
+    return y;
+}
+
+// ------------------------------------------------------------------------------------ scalar codecs
+// Byte-exact twins of torch's conversions (the vector versions below do the same arithmetic).
+
+// int8: round half to even after the clamp to +-127 (both integers, so the order is immaterial);
+// NaN becomes 0, as torch's float -> int8 conversion makes it.
+inline uint8_t i8_encode(float y) {
+    if (y != y) return 0;
+    y = std::min(127.f, std::max(-127.f, y));
+    return uint8_t(int8_t(std::nearbyint(y)));
+}
+
+// e4m3fn: clamp to +-448 (on the magnitude's bits), then round to nearest even: in the normal
+// range by rounding the fp32 mantissa to 3 bits and rebiasing the exponent (127 - 7 = 120), below
+// 2^-6 as the integer count of 2^-9 steps (8 steps is exactly the smallest normal, 0x08).
+// NaN keeps its sign and becomes 0x7F.
+inline uint8_t fp8_encode(float y) {
+    const uint32_t bits = bit_cast<uint32_t>(y);
+    const uint32_t sign = (bits >> 24) & 0x80;
+    uint32_t mag = bits & 0x7FFFFFFF;
+    if (mag > 0x7F800000) return uint8_t(sign | 0x7F);
+    mag = std::min(mag, 0x43E00000u);  // 448
+    if (mag >= 0x3C800000) {           // 2^-6
+        return uint8_t(sign | (((mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20) - (120 << 3)));
+    }
+    return uint8_t(sign | uint32_t(std::nearbyint(bit_cast<float>(mag) * 512.f)));
+}
+
+// e4m3fn -> fp32, as its value times 2^-8 (the vector paths' natural result, see fp8_to_f32; the
+// 2^8 is folded into the scales): normals by moving exponent and mantissa into place and
+// rebiasing (127 - 7 - 8), subnormals (exponent field 0) as mantissa * 2^-17, so that no fp32
+// denormal is involved (the result stays right with flush-to-zero / denormals-are-zero set).
+constexpr float kFp8Unit = 256.f;  // decoded value = true value / kFp8Unit
+inline float fp8_decode(uint8_t b) {
+    const uint32_t mag = b & 0x7F;
     float f;
-    std::memcpy(&f, &bits, 4);
-    f *= 0x1p120f;
+    if (mag == 0x7F) {
+        f = std::numeric_limits<float>::quiet_NaN();
+    } else if (mag >= 0x08) {
+        f = bit_cast<float>((mag << 20) + (112u << 23));
+    } else {
+        f = float(mag) * 0x1p-17f;
+    }
     return (b & 0x80) ? -f : f;
 }
-uint8_t float_to_fp8(float x) {
-    // round to nearest even e4m3fn, clamped to +-448
-    float a = std::fabs(x);
-    uint8_t sign = std::signbit(x) ? 0x80 : 0;
-    if (!(a == a)) return 0x7F;
-    if (a >= 448.f) return sign | 0x7E;
-    if (a < 0x1p-10f) return sign;  // below half the smallest subnormal (2^-9)
-    int e;
-    std::frexp(a, &e);  // a = m * 2^e, m in [0.5, 1)
-    int exp = e - 1;    // a = 1.x * 2^exp
-    if (exp < -6) exp = -6;  // subnormal range shares the step 2^-9
-    float step = std::ldexp(1.f, exp - 3);
-    float q = std::nearbyint(a / step) * step;
-    // re-encode q
-    if (q >= 448.f) return sign | 0x7E;
-    int qe;
-    float qm = std::frexp(q, &qe);
-    int E = qe - 1 + 7;
-    if (q < 0x1p-6f) {  // subnormal: q = m * 2^-9
-        return sign | uint8_t(std::lrint(q / 0x1p-9f));
-    }
-    int mant = int(std::lrint((qm * 2.f - 1.f) * 8.f));
-    return sign | uint8_t(E << 3) | uint8_t(mant);
+
+// ------------------------------------------------------------------------------------ SIMD layer
+#if defined(__AVX512F__)
+
+constexpr int W = 16;
+using vf = __m512;
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vset1(float x) { return _mm512_set1_ps(x); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vf x) { _mm512_storeu_ps(p, x); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vhmax(vf x) { return _mm512_reduce_max_ps(x); }
+inline float vhsum(vf x) { return _mm512_reduce_add_ps(x); }
+// x's first n lanes (0 <= n <= W), the others set to fill.
+inline vf vfirst(vf x, int n, float fill) {
+    return _mm512_mask_blend_ps(__mmask16((1u << n) - 1), _mm512_set1_ps(fill), x);
 }
-float load_kv(const KvCache& c, int64_t idx, int which_head_scale_kv, int64_t head) {
-    switch (c.kv_dtype) {
-        case KV_I8: return float(static_cast<const int8_t*>(c.data)[idx]) * c.kv_scale[which_head_scale_kv * c.kv_heads + head];
-        case KV_FP8: return fp8_to_float(static_cast<const uint8_t*>(c.data)[idx]) * c.kv_scale[which_head_scale_kv * c.kv_heads + head];
-        default: return static_cast<const float*>(c.data)[idx];
+
+// e^x for x <= 0 (softmax arguments): x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7 polynomial
+// (Cephes' expf coefficients), times 2^n by vscalefps (which also underflows gracefully).
+inline vf vexp(vf x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
+    const vf n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    vf p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+// W bytes as int8, widened to fp32.
+inline vf i8_to_f32(const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// W bytes as e4m3fn, to fp32 values times 2^-8 (kFp8Unit), through fp16: the sign-extended byte
+// shifted left by 7 is S S EEEE MMM 0000000; clearing bit 14 leaves the fp16 S 0EEEE MMM0000000,
+// whose value is the e4m3 one times 2^(7-15), subnormals included (vcvtph2ps converts fp16
+// denormals exactly, whatever MXCSR's denormals-are-zero says). e4m3fn's NaN (S1111111, fp16
+// 1.875) is made an fp16 NaN.
+inline vf fp8_to_f32(const uint8_t* p) {
+    const __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i h = _mm256_and_si256(_mm256_slli_epi16(x, 7), _mm256_set1_epi16(short(0xBFFF)));
+    const __m256i nan_bits = _mm256_set1_epi16(0x3F80);
+    const __mmask16 nan = _mm256_cmpeq_epi16_mask(_mm256_and_si256(h, nan_bits), nan_bits);
+    return _mm512_cvtph_ps(_mm256_mask_blend_epi16(nan, h, _mm256_or_si256(h, _mm256_set1_epi16(0x7E00))));
+}
+
+// W values (already divided by the scale) quantized into W bytes, as i8_encode / fp8_encode.
+inline void f32_to_i8(uint8_t* dst, vf y) {
+    const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+    y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f));
+    const __m512i q = _mm512_maskz_cvtps_epi32(__mmask16(~nan), y);  // rounds to nearest even
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(q));
+}
+inline void f32_to_fp8(uint8_t* dst, vf y) {
+    const __m512i bits = _mm512_castps_si512(y);
+    const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(bits, 24), _mm512_set1_epi32(0x80));
+    __m512i mag = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(mag, _mm512_set1_epi32(0x7F800000));
+    mag = _mm512_min_epi32(mag, _mm512_set1_epi32(0x43E00000));
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(mag, 20), _mm512_set1_epi32(1));
+    const __m512i normal = _mm512_sub_epi32(
+        _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(mag, _mm512_set1_epi32(0x7FFFF)), odd), 20),
+        _mm512_set1_epi32(120 << 3));
+    const __m512i sub = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(mag), _mm512_set1_ps(512.f)));
+    __m512i q = _mm512_mask_blend_epi32(_mm512_cmpge_epi32_mask(mag, _mm512_set1_epi32(0x3C800000)), sub, normal);
+    q = _mm512_or_si512(_mm512_mask_mov_epi32(q, nan, _mm512_set1_epi32(0x7F)), sign);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(q));
+}
+
+// kt[i][j] = r[j][i]: a 16x16 block (16 keys' values for 16 dimensions) transposed in registers.
+inline void transpose_block(__m512 r[16], float* kt) {
+    __m512 t[16];
+    for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved within 128-bit lanes
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {  // r[4i + k], lane L: rows 4i..4i+3 of column 4L + k
+        r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int k = 0; k < 4; ++k) {  // gather lane L of r[k], r[4 + k], r[8 + k], r[12 + k]
+        const __m512 x0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x44);
+        const __m512 x1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xEE);
+        const __m512 y0 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x44);
+        const __m512 y1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xEE);
+        _mm512_storeu_ps(kt + k * 16, _mm512_shuffle_f32x4(x0, y0, 0x88));
+        _mm512_storeu_ps(kt + (4 + k) * 16, _mm512_shuffle_f32x4(x0, y0, 0xDD));
+        _mm512_storeu_ps(kt + (8 + k) * 16, _mm512_shuffle_f32x4(x1, y1, 0x88));
+        _mm512_storeu_ps(kt + (12 + k) * 16, _mm512_shuffle_f32x4(x1, y1, 0xDD));
     }
 }
+
+// Four keys' dot-product vectors (per-dimension partial sums) folded into one vector whose
+// 128-bit lane L holds, for each of the four keys, the sum over lane L's dimensions.
+inline vf fold4(vf a, vf b, vf c, vf d) {
+    const vf ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const vf cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    return _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+}
+// The W / 4 fold4 results of a chunk summed across lanes: lane j is key j's dot product.
+inline vf fold_lanes(const vf* u) {
+    const vf x = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
+    const vf y = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+}
+
+constexpr int QK_ROWS = 8;               // score rows per register tile (16 accumulators)
+constexpr int DOT_ROWS = 4;              // rows per pass of the dot-product scores (16 accumulators)
+constexpr int PV_ROWS = 4, PV_VECS = 4;  // output tile: 4 rows x 64 floats
+
+#elif defined(__AVX2__)
+
+constexpr int W = 8;
+using vf = __m256;
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vset1(float x) { return _mm256_set1_ps(x); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vf x) { _mm256_storeu_ps(p, x); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf vfmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vhmax(vf x) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+inline float vhsum(vf x) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline vf vfirst(vf x, int n, float fill) {
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), x, _mm256_castsi256_ps(keep));
+}
+
+// As the AVX-512 vexp; 2^n built in the exponent field, so x is kept where n fits in [-126, 127].
+inline vf vexp(vf x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const vf n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    vf p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline vf i8_to_f32(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+// As the AVX-512 fp8_to_f32 (value times 2^-8 through fp16), eight at a time.
+inline vf fp8_to_f32(const uint8_t* p) {
+    const __m128i x = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m128i h = _mm_and_si128(_mm_slli_epi16(x, 7), _mm_set1_epi16(short(0xBFFF)));
+    const __m128i nan_bits = _mm_set1_epi16(0x3F80);
+    const __m128i nan = _mm_cmpeq_epi16(_mm_and_si128(h, nan_bits), nan_bits);
+    return _mm256_cvtph_ps(_mm_or_si128(h, _mm_and_si128(nan, _mm_set1_epi16(0x7E00))));
+}
+
+// Eight int32 (each fitting a byte) stored as eight bytes.
+inline void store8_i32_as_u8(uint8_t* dst, __m256i q) {
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packs_epi16(w, w));
+}
+inline void f32_to_i8(uint8_t* dst, vf y) {
+    const __m256 ordered = _mm256_cmp_ps(y, y, _CMP_ORD_Q);
+    y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f));
+    const __m256i q = _mm256_and_si256(_mm256_cvtps_epi32(y), _mm256_castps_si256(ordered));
+    store8_i32_as_u8(dst, q);
+}
+inline void f32_to_fp8(uint8_t* dst, vf y) {
+    const __m256i bits = _mm256_castps_si256(y);
+    const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(bits, 24), _mm256_set1_epi32(0x80));
+    __m256i mag = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i nan = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7F800000));
+    mag = _mm256_min_epi32(mag, _mm256_set1_epi32(0x43E00000));
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(mag, 20), _mm256_set1_epi32(1));
+    const __m256i normal = _mm256_sub_epi32(
+        _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(mag, _mm256_set1_epi32(0x7FFFF)), odd), 20),
+        _mm256_set1_epi32(120 << 3));
+    const __m256i sub = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_castsi256_ps(mag), _mm256_set1_ps(512.f)));
+    const __m256i is_normal = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x3C800000 - 1));
+    __m256i q = _mm256_blendv_epi8(sub, normal, is_normal);
+    q = _mm256_or_si256(_mm256_blendv_epi8(q, _mm256_set1_epi32(0x7F), nan), sign);
+    // Codes 0..255: through int16 (signed saturation is no-op) to bytes with unsigned saturation.
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(w, w));
+}
+
+// kt[i][j] = r[j][i]: an 8x8 block transposed in registers.
+inline void transpose_block(__m256 r[8], float* kt) {
+    __m256 t[8];
+    for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {  // r[4i + k], lane L: rows 4i..4i+3 of column 4L + k
+        r[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int k = 0; k < 4; ++k) {
+        _mm256_storeu_ps(kt + k * 8, _mm256_permute2f128_ps(r[k], r[4 + k], 0x20));
+        _mm256_storeu_ps(kt + (4 + k) * 8, _mm256_permute2f128_ps(r[k], r[4 + k], 0x31));
+    }
+}
+
+inline vf fold4(vf a, vf b, vf c, vf d) {  // as the AVX-512 one
+    const vf ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+    const vf cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+    return _mm256_add_ps(_mm256_shuffle_ps(ab, cd, 0x44), _mm256_shuffle_ps(ab, cd, 0xEE));
+}
+inline vf fold_lanes(const vf* u) {
+    return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
+}
+
+constexpr int QK_ROWS = 4;               // 8 accumulators (two per row), of 16 ymm registers
+constexpr int DOT_ROWS = 3;              // 12 accumulators
+constexpr int PV_ROWS = 2, PV_VECS = 4;  // 8 accumulators, 4 V vectors
+
+#else  // scalar: the same algorithm on 8-float arrays (which the compiler vectorizes as it can)
+
+constexpr int W = 8;
+struct vf {
+    float x[W];
+};
+inline vf vzero() { return vf{}; }
+inline vf vset1(float a) {
+    vf r;
+    for (float& e : r.x) e = a;
+    return r;
+}
+inline vf vload(const float* p) {
+    vf r;
+    std::memcpy(r.x, p, sizeof r.x);
+    return r;
+}
+inline void vstore(float* p, const vf& a) { std::memcpy(p, a.x, sizeof a.x); }
+template <class F>
+inline vf vmap2(const vf& a, const vf& b, F f) {
+    vf r;
+    for (int i = 0; i < W; ++i) r.x[i] = f(a.x[i], b.x[i]);
+    return r;
+}
+inline vf vadd(const vf& a, const vf& b) { return vmap2(a, b, [](float x, float y) { return x + y; }); }
+inline vf vsub(const vf& a, const vf& b) { return vmap2(a, b, [](float x, float y) { return x - y; }); }
+inline vf vmul(const vf& a, const vf& b) { return vmap2(a, b, [](float x, float y) { return x * y; }); }
+inline vf vdiv(const vf& a, const vf& b) { return vmap2(a, b, [](float x, float y) { return x / y; }); }
+inline vf vfmadd(const vf& a, const vf& b, const vf& c) { return vadd(vmul(a, b), c); }
+inline float vhmax(const vf& a) { return *std::max_element(a.x, a.x + W); }
+inline float vhsum(const vf& a) {
+    float s = 0;
+    for (float e : a.x) s += e;
+    return s;
+}
+inline vf vfirst(vf a, int n, float fill) {
+    for (int i = n; i < W; ++i) a.x[i] = fill;
+    return a;
+}
+inline vf vexp(vf a) {
+    for (float& e : a.x) e = std::exp(e);
+    return a;
+}
+inline vf i8_to_f32(const uint8_t* p) {
+    vf r;
+    for (int i = 0; i < W; ++i) r.x[i] = float(int8_t(p[i]));
+    return r;
+}
+inline vf fp8_to_f32(const uint8_t* p) {
+    vf r;
+    for (int i = 0; i < W; ++i) r.x[i] = fp8_decode(p[i]);
+    return r;
+}
+inline void f32_to_i8(uint8_t* dst, const vf& y) {
+    for (int i = 0; i < W; ++i) dst[i] = i8_encode(y.x[i]);
+}
+inline void f32_to_fp8(uint8_t* dst, const vf& y) {
+    for (int i = 0; i < W; ++i) dst[i] = fp8_encode(y.x[i]);
+}
+inline void transpose_block(vf r[W], float* kt) {
+    for (int i = 0; i < W; ++i) {
+        for (int j = 0; j < W; ++j) kt[i * W + j] = r[j].x[i];
+    }
+}
+
+// fold4: the four sums in lanes 0..3; fold_lanes: those of W / 4 fold4s side by side.
+inline vf fold4(const vf& a, const vf& b, const vf& c, const vf& d) {
+    vf r{};
+    r.x[0] = vhsum(a), r.x[1] = vhsum(b), r.x[2] = vhsum(c), r.x[3] = vhsum(d);
+    return r;
+}
+inline vf fold_lanes(const vf* u) {
+    vf r;
+    for (int i = 0; i < W; ++i) r.x[i] = u[i / 4].x[i % 4];
+    return r;
+}
+
+constexpr int QK_ROWS = 4;
+constexpr int DOT_ROWS = 4;
+constexpr int PV_ROWS = 2, PV_VECS = 2;
+
+#endif
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ------------------------------------------------------------------------------------ cache rows
+inline int64_t kv_elem_size(int dtype) { return dtype == KV_F32 ? 4 : 1; }
+
+// W elements of the cache at p, as fp32 (unscaled: the scales are folded in elsewhere; fp8 as
+// its value / kFp8Unit).
+template <int DT>
+inline vf load_cvt(const uint8_t* p) {
+    if constexpr (DT == KV_F32) return vload(reinterpret_cast<const float*>(p));
+    if constexpr (DT == KV_I8) return i8_to_f32(p);
+    if constexpr (DT == KV_FP8) return fp8_to_f32(p);
+}
+
+// The last count (< W) elements of a row, zero-padded: through a copy, so that nothing past the
+// row (nor past the cache) is read.
+template <int DT>
+inline vf load_cvt_tail(const uint8_t* p, int64_t count) {
+    constexpr int64_t es = DT == KV_F32 ? 4 : 1;
+    alignas(64) uint8_t tail[W * es] = {};
+    std::memcpy(tail, p, size_t(count * es));
+    return load_cvt<DT>(tail);
+}
+
+// One head's cache row (hd elements) into dst as fp32, zero-padded to a multiple of W.
+template <int DT>
+void load_row(float* dst, const uint8_t* src, int64_t hd) {
+    constexpr int64_t es = DT == KV_F32 ? 4 : 1;
+    int64_t d = 0;
+    for (; d + W <= hd; d += W) vstore(dst + d, load_cvt<DT>(src + d * es));
+    if (d < hd) vstore(dst + d, load_cvt_tail<DT>(src + d * es, hd - d));
+}
+
+// A chunk's K rows (W of them: keys past the sequence's point at zeros), converted and
+// transposed: kt[d][key] for d < hdp, zeros for the dimensions past hd.
+template <int DT>
+void transpose_rows(const uint8_t* const* rows, int64_t hd, float* kt) {
+    constexpr int64_t es = DT == KV_F32 ? 4 : 1;
+    for (int64_t d0 = 0; d0 < hd; d0 += W) {
+        vf r[W];
+        if (d0 + W <= hd) {
+#pragma GCC unroll 16
+            for (int j = 0; j < W; ++j) r[j] = load_cvt<DT>(rows[j] + d0 * es);
+        } else {
+            for (int j = 0; j < W; ++j) r[j] = load_cvt_tail<DT>(rows[j] + d0 * es, hd - d0);
+        }
+        transpose_block(r, kt + d0 * W);
+    }
+}
+
+// One head's hd fp32 values into the cache row dst, quantized with the head's scale. Division
+// (not a reciprocal's product) so that the bytes are those of torch's x / scale.
+template <int DT>
+void store_row(uint8_t* dst, const float* src, int64_t hd, float scale) {
+    if constexpr (DT == KV_F32) {
+        std::memcpy(dst, src, size_t(hd) * sizeof(float));
+    } else {
+        const vf s = vset1(scale);
+        const auto put = DT == KV_I8 ? f32_to_i8 : f32_to_fp8;
+        int64_t d = 0;
+        for (; d + W <= hd; d += W) put(dst + d, vdiv(vload(src + d), s));
+        if (d < hd) {
+            alignas(64) float x[W] = {};
+            uint8_t q[W];
+            std::memcpy(x, src + d, size_t(hd - d) * sizeof(float));
+            put(q, vdiv(vload(x), s));
+            std::memcpy(dst + d, q, size_t(hd - d));
+        }
+    }
+}
+
+template <int DT>
+void write_kv_typed(const WriteKvArgs& a) {
+    const KvCache& c = a.cache;
+    const int64_t es = kv_elem_size(c.kv_dtype), row = c.kv_heads * c.head_dim;
+    const int64_t v_off = c.num_blocks * c.block_size * row * es;  // bytes from K to V
+    uint8_t* cache = static_cast<uint8_t*>(c.data);
+    // A write is a few KB per token: threads only pay off for long prefills.
+    const bool parallel = a.num_threads > 1 && a.num_tokens * row >= (int64_t(1) << 16);
+#pragma omp parallel for num_threads(a.num_threads) if (parallel) schedule(static)
+    for (int64_t t = 0; t < a.num_tokens; ++t) {
+        uint8_t* slot = cache + a.slot_mapping[t] * row * es;
+        for (int64_t h = 0; h < c.kv_heads; ++h) {
+            const int64_t off = h * c.head_dim;
+            const float ks = DT == KV_F32 ? 1.f : c.kv_scale[h], vs = DT == KV_F32 ? 1.f : c.kv_scale[c.kv_heads + h];
+            store_row<DT>(slot + off * es, a.k + t * row + off, c.head_dim, ks);
+            store_row<DT>(slot + v_off + off * es, a.v + t * row + off, c.head_dim, vs);
+        }
+    }
+}
+
 }  // namespace
 
 void write_kv(const WriteKvArgs& a) {
-    const KvCache& c = a.cache;
-    const int64_t row = c.kv_heads * c.head_dim;
-    const int64_t v_off = c.num_blocks * c.block_size * row;
-    for (int64_t t = 0; t < a.num_tokens; ++t) {
-        for (int which = 0; which < 2; ++which) {
-            const float* src = (which ? a.v : a.k) + t * row;
-            const int64_t dst = which * v_off + a.slot_mapping[t] * row;
-            for (int64_t h = 0; h < c.kv_heads; ++h) {
-                for (int64_t d = 0; d < c.head_dim; ++d) {
-                    const float x = src[h * c.head_dim + d];
-                    const int64_t i = dst + h * c.head_dim + d;
-                    if (c.kv_dtype == KV_F32) {
-                        static_cast<float*>(c.data)[i] = x;
-                    } else {
-                        const float s = x / c.kv_scale[which * c.kv_heads + h];
-                        if (c.kv_dtype == KV_I8)
-                            static_cast<int8_t*>(c.data)[i] = int8_t(std::max(-127.f, std::min(127.f, std::nearbyint(s))));
-                        else
-                            static_cast<uint8_t*>(c.data)[i] = float_to_fp8(s);
-                    }
-                }
+    switch (a.cache.kv_dtype) {
+        case KV_I8: write_kv_typed<KV_I8>(a); break;
+        case KV_FP8: write_kv_typed<KV_FP8>(a); break;
+        default: write_kv_typed<KV_F32>(a); break;
+    }
+}
+
+// ------------------------------------------------------------------------------------ attention
+namespace {
+
+constexpr int64_t kKeyCost = 8;           // staging one key costs about as much as this many rows
+constexpr int64_t kMinPartKeys = 8 * W;   // shortest key partition worth a unit of its own
+constexpr double kParallelCost = 4096;    // below this much work, threads cost more than they save
+
+// The call's constants; the cache is addressed in bytes.
+struct Problem {
+    const AttentionArgs& a;
+    int dtype;
+    int64_t hd, hdp, group;  // hdp: head_dim rounded up to W
+    int64_t tile_tokens;     // query tokens per tile (a tile's rows: tile_tokens x group)
+    int64_t head_bytes;      // one head's row in a slot
+    int64_t slot_bytes;      // one slot: kv_heads rows
+    int64_t v_bytes;         // from a K row to its V row
+    const uint8_t* cache;
+};
+
+// A unit of work: query tokens [t0, t1) of sequence seq, over keys [k0, k1) of KV head kh.
+// If its tile's keys were split (split >= 0), it leaves a partial result for merge_split().
+struct Unit {
+    int64_t seq, kh, t0, t1, k0, k1;
+    int64_t split;
+    int64_t part;
+    double cost;
+};
+
+// A tile whose keys were split in parts: their partial (O, m, l) lie in the scratch buffer.
+struct Split {
+    int64_t seq, kh, t0, t1, parts;
+    int64_t scratch;  // offset of part 0
+};
+
+inline int64_t partial_floats(const Problem& p, int64_t rows) { return rows * (p.hdp + 2); }
+
+// A thread's buffers for one unit at a time (64-byte aligned, all fp32 but pos).
+class Workspace {
+   public:
+    Workspace(int64_t rows, int64_t hdp) {
+        const int64_t sizes[] = {rows * hdp, rows * hdp, rows * W, W * hdp, W * hdp, rows, rows, hdp};
+        int64_t total = 0;
+        for (int64_t n : sizes) total += round_up(n, 16);
+        mem_ = static_cast<float*>(std::aligned_alloc(64, size_t(total) * sizeof(float)));
+        float* zero;
+        float** slots[] = {&q, &o, &s, &kt, &vb, &m, &l, &zero};
+        float* at = mem_;
+        for (int i = 0; i < 8; ++i) {
+            *slots[i] = at;
+            at += round_up(sizes[i], 16);
+        }
+        pos.resize(size_t(rows));
+        std::fill(zero, zero + hdp, 0.f);
+        zero_row = reinterpret_cast<const uint8_t*>(zero);
+    }
+    ~Workspace() { std::free(mem_); }
+    Workspace(const Workspace&) = delete;
+    Workspace& operator=(const Workspace&) = delete;
+
+    float* q;   // [rows][hdp]: queries times the softmax scale and K scale
+    float* o;   // [rows][hdp]: unnormalized outputs
+    float* s;   // [rows][W]: a chunk's scores, then probabilities
+    float* kt;  // [hdp][W]: a chunk's K rows, fp32, transposed
+    float* vb;  // [W][hdp]: a chunk's V rows, fp32 (unless read in place)
+    const uint8_t* v[W];  // the chunk's V rows (in the cache, or in vb)
+    float* m;   // [rows]: running max
+    float* l;   // [rows]: running sum
+    std::vector<int64_t> pos;  // [rows]: each row's position (it sees keys 0..pos)
+    const uint8_t* zero_row;   // hdp zero floats: the K "row" of keys past a chunk's end
+
+   private:
+    float* mem_;
+};
+
+// Walks a sequence's keys through its block table: the address of each key's K row of one head.
+class KeyCursor {
+   public:
+    KeyCursor(const Problem& p, int64_t seq, int64_t kh, int64_t key)
+        : table_(p.a.block_tables + seq * p.a.max_blocks),
+          base_(p.cache + kh * p.head_bytes),
+          block_size_(p.a.cache.block_size),
+          slot_bytes_(p.slot_bytes),
+          index_(key / block_size_),
+          offset_(key % block_size_) {}
+
+    void next(int n, const uint8_t** rows) {
+        for (int j = 0; j < n; ++j) {
+            rows[j] = base_ + (table_[index_] * block_size_ + offset_) * slot_bytes_;
+            if (++offset_ == block_size_) offset_ = 0, ++index_;
+        }
+    }
+
+   private:
+    const int64_t* table_;
+    const uint8_t* base_;
+    int64_t block_size_, slot_bytes_, index_, offset_;
+};
+
+// A cache row (one head's K or V), requested into L2 a chunk ahead of use: blocks are scattered,
+// so the hardware prefetchers cannot guess where the next one lies. Into L2 rather than L1: the
+// many requests of a chunk into L1 stall on its few miss buffers (measured: slower than none).
+inline void prefetch_row(const Problem& p, const uint8_t* row) {
+    const uintptr_t first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t(63);
+    const uintptr_t end = reinterpret_cast<uintptr_t>(row) + uintptr_t(p.head_bytes);
+    for (uintptr_t line = first; line < end; line += 64) __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 2);
+}
+
+// Scores of R query rows against the chunk: s[r][key] = sum_d q[r][d] kt[d][key]. Two
+// accumulators per row (even and odd d) so that few rows still keep the FMA units busy.
+template <int R>
+void qk_tile(const float* q, int64_t hdp, const float* kt, float* s) {
+    vf even[R], odd[R];
+    for (int r = 0; r < R; ++r) even[r] = odd[r] = vzero();
+    for (int64_t d = 0; d < hdp; d += 2) {  // hdp is even: a multiple of W
+        const vf k0 = vload(kt + d * W), k1 = vload(kt + (d + 1) * W);
+        for (int r = 0; r < R; ++r) {
+            even[r] = vfmadd(vset1(q[r * hdp + d]), k0, even[r]);
+            odd[r] = vfmadd(vset1(q[r * hdp + d + 1]), k1, odd[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) vstore(s + r * W, vadd(even[r], odd[r]));
+}
+
+template <int R>
+void qk_rows(int rows, const float* q, int64_t hdp, const float* kt, float* s) {
+    if constexpr (R > 1) {
+        if (rows < R) return qk_rows<R - 1>(rows, q, hdp, kt, s);
+    }
+    qk_tile<R>(q, hdp, kt, s);
+}
+
+// Scores of R query rows against the chunk's n keys read as rows (no transpose): a vector of
+// per-dimension products per (row, key), folded into one score vector per row. Cheaper than
+// transposing K when the rows are few (a decode token's GQA group).
+template <int DT, int R>
+void qk_dot(const float* q, int64_t hdp, const uint8_t* const* rows, int64_t hd, float* s) {
+    constexpr int64_t es = DT == KV_F32 ? 4 : 1;
+    const int64_t full = hd / W * W;
+    vf folded[R][W / 4];
+    for (int g = 0; g < W / 4; ++g) {  // keys 4g..4g+3
+        const uint8_t* k[4] = {rows[4 * g], rows[4 * g + 1], rows[4 * g + 2], rows[4 * g + 3]};
+        vf acc[R][4];
+        for (int r = 0; r < R; ++r)
+            for (int i = 0; i < 4; ++i) acc[r][i] = vzero();
+        for (int64_t d = 0; d < hd; d += W) {
+            for (int i = 0; i < 4; ++i) {
+                const vf kv = d < full ? load_cvt<DT>(k[i] + d * es) : load_cvt_tail<DT>(k[i] + d * es, hd - d);
+                for (int r = 0; r < R; ++r) acc[r][i] = vfmadd(vload(q + r * hdp + d), kv, acc[r][i]);
             }
+        }
+        for (int r = 0; r < R; ++r) folded[r][g] = fold4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+    }
+    for (int r = 0; r < R; ++r) vstore(s + r * W, fold_lanes(folded[r]));
+}
+
+template <int DT, int R>
+void qk_dot_rows(int rows, const float* q, int64_t hdp, const uint8_t* const* k, int64_t hd, float* s) {
+    if constexpr (R > 1) {
+        if (rows < R) return qk_dot_rows<DT, R - 1>(rows, q, hdp, k, hd, s);
+    }
+    qk_dot<DT, R>(q, hdp, k, hd, s);
+}
+
+// Output tile of R rows x C vectors: o[r] += sum_{key < n} p[r][key] v[key], v[key] being the
+// C vectors at element `offset` of key's V row, stored as DT (converted as they are loaded).
+template <int DT, int R, int C>
+void pv_tile(float* o, int64_t hdp, const float* p, const uint8_t* const* v, int64_t offset, int n) {
+    constexpr int64_t es = DT == KV_F32 ? 4 : 1;
+    vf acc[R][C];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = vload(o + r * hdp + c * W);
+    for (int j = 0; j < n; ++j) {
+        vf vv[C];
+        for (int c = 0; c < C; ++c) vv[c] = load_cvt<DT>(v[j] + (offset + c * W) * es);
+        for (int r = 0; r < R; ++r) {
+            const vf pj = vset1(p[r * W + j]);
+            for (int c = 0; c < C; ++c) acc[r][c] = vfmadd(pj, vv[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) vstore(o + r * hdp + c * W, acc[r][c]);
+}
+
+template <int DT, int R, int C>
+void pv_tiles(int rows, int vecs, float* o, int64_t hdp, const float* p, const uint8_t* const* v, int64_t offset,
+              int n) {
+    if constexpr (R > 1) {
+        if (rows < R) return pv_tiles<DT, R - 1, C>(rows, vecs, o, hdp, p, v, offset, n);
+    }
+    if constexpr (C > 1) {
+        if (vecs < C) return pv_tiles<DT, R, C - 1>(rows, vecs, o, hdp, p, v, offset, n);
+    }
+    pv_tile<DT, R, C>(o, hdp, p, v, offset, n);
+}
+
+// One row's online-softmax step: its first `valid` scores (>= 1) become probabilities in place
+// (the rest 0); when the running max grows, the sum and the output so far are rescaled.
+inline void softmax_row(float* s, int valid, float& m, float& l, float* o, int64_t hdp) {
+    const vf x = vfirst(vload(s), valid, kNegInf);
+    const float top = vhmax(x);
+    if (top > m) {
+        if (l != 0.f) {  // m was finite: rescale what was accumulated under it
+            const float alpha = std::exp(m - top);
+            l *= alpha;
+            for (int64_t d = 0; d < hdp; d += W) vstore(o + d, vmul(vload(o + d), vset1(alpha)));
+        }
+        m = top;
+    }
+    const vf e = vfirst(vexp(vsub(x, vset1(m))), valid, 0.f);
+    l += vhsum(e);
+    vstore(s, e);
+}
+
+// Up to this many rows, scores are dot products of K rows as they lie (a fold per row and
+// chunk); beyond, K is transposed once per chunk and shared by all rows.
+constexpr int64_t kDotMaxRows = 8;
+
+// The unit's scores against the chunk whose K rows are at krows (W of them, the ones past the
+// sequence's keys pointing at zeros).
+template <int DT>
+void chunk_scores(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows) {
+    const int64_t hdp = p.hdp;
+    if (rows <= kDotMaxRows) {
+        for (int64_t r0 = 0; r0 < rows; r0 += DOT_ROWS) {
+            const int rr = int(std::min<int64_t>(DOT_ROWS, rows - r0));
+            qk_dot_rows<DT, DOT_ROWS>(rr, ws.q + r0 * hdp, hdp, krows, p.hd, ws.s + r0 * W);
+        }
+        return;
+    }
+    transpose_rows<DT>(krows, p.hd, ws.kt);
+    for (int64_t r0 = 0; r0 < rows; r0 += QK_ROWS)
+        qk_rows<QK_ROWS>(int(std::min<int64_t>(QK_ROWS, rows - r0)), ws.q + r0 * hdp, hdp, ws.kt, ws.s + r0 * W);
+}
+
+// Scores into probabilities, row by row, for the chunk of n keys from key kc (causal: a row at
+// position pos sees keys up to pos).
+void chunk_softmax(const Problem& p, Workspace& ws, int64_t rows, int64_t kc, int n) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const int valid = int(std::clamp<int64_t>(ws.pos[size_t(r)] - kc + 1, 0, n));
+        if (valid == 0)
+            std::fill(ws.s + r * W, ws.s + (r + 1) * W, 0.f);
+        else
+            softmax_row(ws.s + r * W, valid, ws.m[r], ws.l[r], ws.o + r * p.hdp, p.hdp);
+    }
+}
+
+// o += p v over the chunk's n keys (K rows at krows; V rows v_bytes further), in register tiles,
+// V rows stored as DT.
+template <int DT>
+void values_tiles(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* vrows, int n) {
+    const int64_t hdp = p.hdp, vecs = hdp / W;
+    for (int64_t r0 = 0; r0 < rows; r0 += PV_ROWS) {
+        const int rr = int(std::min<int64_t>(PV_ROWS, rows - r0));
+        for (int64_t c0 = 0; c0 < vecs; c0 += PV_VECS) {
+            const int cc = int(std::min<int64_t>(PV_VECS, vecs - c0));
+            pv_tiles<DT, PV_ROWS, PV_VECS>(rr, cc, ws.o + r0 * hdp + c0 * W, hdp, ws.s + r0 * W, vrows, c0 * W, n);
         }
     }
 }
 
-void paged_attention(const AttentionArgs& a) {
-    const KvCache& c = a.cache;
-    const int64_t hd = c.head_dim, kvh = c.kv_heads, group = a.num_heads / kvh;
-    const int64_t row = kvh * hd;
-    const int64_t v_off = c.num_blocks * c.block_size * row;
-    std::memset(a.out, 0, sizeof(float) * a.num_tokens * a.num_heads * hd);
-    std::vector<float> scores;
+// o += p v over the chunk's n keys. V rows are read in place when whole vectors never cross a
+// row's end (hd a multiple of W) and each is loaded once (fp32, or rows few enough for one row
+// tile: converted as loaded); else converted once into vb, zero-padded.
+template <int DT>
+void chunk_values(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows, int n) {
+    if (p.hd % W == 0 && (DT == KV_F32 || rows <= PV_ROWS)) {
+        for (int j = 0; j < n; ++j) ws.v[j] = krows[j] + p.v_bytes;
+        return values_tiles<DT>(p, ws, rows, ws.v, n);
+    }
+    for (int j = 0; j < n; ++j) {
+        load_row<DT>(ws.vb + j * p.hdp, krows[j] + p.v_bytes, p.hd);
+        ws.v[j] = reinterpret_cast<const uint8_t*>(ws.vb + j * p.hdp);
+    }
+    values_tiles<KV_F32>(p, ws, rows, ws.v, n);
+}
+
+// What a decoded K / V element is multiplied by: the head's scale (int8, fp8), and for fp8 the
+// decoder's kFp8Unit.
+inline float k_scale(const Problem& p, int64_t kh) {
+    const float unit = p.dtype == KV_FP8 ? kFp8Unit : 1.f;
+    return p.dtype == KV_F32 ? 1.f : p.a.cache.kv_scale[kh] * unit;
+}
+inline float v_scale(const Problem& p, int64_t kh) {
+    const float unit = p.dtype == KV_FP8 ? kFp8Unit : 1.f;
+    return p.dtype == KV_F32 ? 1.f : p.a.cache.kv_scale[p.a.cache.kv_heads + kh] * unit;
+}
+
+// The unit's query rows (token-major: row r is token t0 + r / group, head kh * group + r % group),
+// scaled by the softmax scale and the K scale; their positions; an empty softmax state.
+void stage_queries(const Problem& p, const Unit& u, Workspace& ws) {
+    const AttentionArgs& a = p.a;
+    const float qs = a.scale * k_scale(p, u.kh);
+    const int64_t q0 = a.query_start_loc[u.seq], q_len = a.query_start_loc[u.seq + 1] - q0;
+    const int64_t first_pos = a.context_lens[u.seq] - q_len - q0;  // position of token t: first_pos + t
+    int64_t r = 0;
+    for (int64_t t = u.t0; t < u.t1; ++t) {
+        for (int64_t g = 0; g < p.group; ++g, ++r) {
+            const float* src = a.q + (t * a.num_heads + u.kh * p.group + g) * p.hd;
+            float* dst = ws.q + r * p.hdp;
+            for (int64_t d = 0; d < p.hd; ++d) dst[d] = src[d] * qs;
+            std::fill(dst + p.hd, dst + p.hdp, 0.f);
+            ws.pos[size_t(r)] = first_pos + t;
+            ws.m[r] = kNegInf;
+            ws.l[r] = 0.f;
+        }
+    }
+    std::fill(ws.o, ws.o + r * p.hdp, 0.f);
+}
+
+// A whole tile's rows, normalized (and times the V scale), into out; a part's into its scratch.
+void finish_unit(const Problem& p, const Unit& u, const Workspace& ws, int64_t rows, float* partial) {
+    if (partial != nullptr) {
+        std::memcpy(partial, ws.o, size_t(rows * p.hdp) * sizeof(float));
+        std::memcpy(partial + rows * p.hdp, ws.m, size_t(rows) * sizeof(float));
+        std::memcpy(partial + rows * p.hdp + rows, ws.l, size_t(rows) * sizeof(float));
+        return;
+    }
+    const float vs = v_scale(p, u.kh);
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t t = u.t0 + r / p.group, h = u.kh * p.group + r % p.group;
+        float* dst = p.a.out + (t * p.a.num_heads + h) * p.hd;
+        const float f = vs / ws.l[r];
+        for (int64_t d = 0; d < p.hd; ++d) dst[d] = ws.o[r * p.hdp + d] * f;
+    }
+}
+
+// The unit's keys chunk by chunk. While a chunk's scores are computed, the next chunk's K rows
+// are prefetched, and while its values are accumulated, the next chunk's V rows (each request a
+// phase ahead of its use: about the memory latency, measured best at ~75% of the bandwidth).
+template <int DT>
+void run_unit(const Problem& p, const Unit& u, Workspace& ws, float* partial) {
+    const int64_t rows = (u.t1 - u.t0) * p.group;
+    stage_queries(p, u, ws);
+    KeyCursor keys(p, u.seq, u.kh, u.k0);
+    const uint8_t *cur[W], *next[W];
+    int n_next = int(std::min<int64_t>(W, u.k1 - u.k0));
+    keys.next(n_next, next);
+    for (int j = 0; j < n_next; ++j) {  // the first chunk's requests all in flight at once
+        prefetch_row(p, next[j]);
+        prefetch_row(p, next[j] + p.v_bytes);
+    }
+    for (int64_t kc = u.k0; kc < u.k1; kc += W) {
+        const int n = n_next;
+        std::copy(next, next + n, cur);
+        std::fill(cur + n, cur + W, ws.zero_row);
+        n_next = int(std::clamp<int64_t>(u.k1 - kc - W, 0, W));
+        keys.next(n_next, next);
+        for (int j = 0; j < n_next; ++j) prefetch_row(p, next[j]);
+        chunk_scores<DT>(p, ws, rows, cur);
+        chunk_softmax(p, ws, rows, kc, n);
+        for (int j = 0; j < n_next; ++j) prefetch_row(p, next[j] + p.v_bytes);
+        chunk_values<DT>(p, ws, rows, cur, n);
+    }
+    finish_unit(p, u, ws, rows, partial);
+}
+
+// A split tile's parts combined: each part's (O, l) weighted by e^(its max - the overall max).
+void merge_split(const Problem& p, const Split& s, const float* scratch) {
+    const int64_t rows = (s.t1 - s.t0) * p.group, stride = partial_floats(p, rows);
+    const float* base = scratch + s.scratch;
+    const float vs = v_scale(p, s.kh);
+    for (int64_t r = 0; r < rows; ++r) {
+        float top = kNegInf;  // finite: part 0 holds key 0, which every row sees
+        for (int64_t i = 0; i < s.parts; ++i) top = std::max(top, base[i * stride + rows * p.hdp + r]);
+        const int64_t t = s.t0 + r / p.group, h = s.kh * p.group + r % p.group;
+        float* dst = p.a.out + (t * p.a.num_heads + h) * p.hd;
+        std::fill(dst, dst + p.hd, 0.f);
+        float sum = 0.f;
+        for (int64_t i = 0; i < s.parts; ++i) {
+            const float* part = base + i * stride;
+            const float m = part[rows * p.hdp + r];
+            if (m == kNegInf) continue;  // every key of this part lies past the row's position
+            const float w = std::exp(m - top);
+            sum += w * part[rows * p.hdp + rows + r];
+            for (int64_t d = 0; d < p.hd; ++d) dst[d] += w * part[r * p.hdp + d];
+        }
+        const float f = vs / sum;
+        for (int64_t d = 0; d < p.hd; ++d) dst[d] *= f;
+    }
+}
+
+// The call's work: per sequence and KV head, tiles of query tokens (one for a decode token),
+// each over keys [0, its last token's position].
+struct Plan {
+    std::vector<Unit> units;
+    std::vector<Split> splits;
+    int64_t scratch_floats = 0;
+    double cost = 0;
+};
+
+// Split the tiles' keys into partitions when whole tiles would leave threads idle (few
+// sequences, long contexts): about 8 units per thread, so that dynamic scheduling evens them out.
+void split_long_tiles(const Problem& p, Plan& plan, int threads) {
+    const double target = plan.cost / (8.0 * threads);
+    std::vector<Unit> units;
+    for (const Unit& u : plan.units) {
+        const int64_t keys = u.k1 - u.k0;
+        const int64_t want = std::min<int64_t>(int64_t(std::ceil(u.cost / target)), keys / kMinPartKeys);
+        const int64_t len = want > 1 ? round_up((keys + want - 1) / want, W) : keys;
+        const int64_t parts = (keys + len - 1) / len;
+        if (parts <= 1) {
+            units.push_back(u);
+            continue;
+        }
+        const int64_t rows = (u.t1 - u.t0) * p.group;
+        for (int64_t i = 0; i < parts; ++i) {
+            Unit v = u;
+            v.k0 = u.k0 + i * len;
+            v.k1 = std::min(u.k1, v.k0 + len);
+            v.split = int64_t(plan.splits.size());
+            v.part = i;
+            v.cost = u.cost * double(v.k1 - v.k0) / double(keys);
+            units.push_back(v);
+        }
+        plan.splits.push_back({u.seq, u.kh, u.t0, u.t1, parts, plan.scratch_floats});
+        plan.scratch_floats += parts * partial_floats(p, rows);
+    }
+    plan.units.swap(units);
+}
+
+Plan make_plan(const Problem& p, int threads) {
+    const AttentionArgs& a = p.a;
+    Plan plan;
     for (int64_t b = 0; b < a.num_seqs; ++b) {
         const int64_t q0 = a.query_start_loc[b], q1 = a.query_start_loc[b + 1], ctx = a.context_lens[b];
-        for (int64_t t = q0; t < q1; ++t) {
-            const int64_t pos = ctx - (q1 - q0) + (t - q0);
-            for (int64_t h = 0; h < a.num_heads; ++h) {
-                const int64_t kh = h / group;
-                const float* q = a.q + (t * a.num_heads + h) * hd;
-                scores.assign(pos + 1, 0.f);
-                float m = -INFINITY;
-                for (int64_t j = 0; j <= pos; ++j) {
-                    const int64_t slot = a.block_tables[b * a.max_blocks + j / c.block_size] * c.block_size + j % c.block_size;
-                    float s = 0;
-                    for (int64_t d = 0; d < hd; ++d) s += q[d] * load_kv(c, slot * row + kh * hd + d, 0, kh);
-                    scores[j] = s * a.scale;
-                    m = std::max(m, scores[j]);
-                }
-                float denom = 0;
-                for (auto& s : scores) { s = std::exp(s - m); denom += s; }
-                float* o = a.out + (t * a.num_heads + h) * hd;
-                for (int64_t j = 0; j <= pos; ++j) {
-                    const int64_t slot = a.block_tables[b * a.max_blocks + j / c.block_size] * c.block_size + j % c.block_size;
-                    for (int64_t d = 0; d < hd; ++d) o[d] += scores[j] / denom * load_kv(c, v_off + slot * row + kh * hd + d, 1, kh);
-                }
+        for (int64_t kh = 0; kh < a.cache.kv_heads; ++kh) {
+            for (int64_t t0 = q0; t0 < q1; t0 += p.tile_tokens) {
+                const int64_t t1 = std::min(q1, t0 + p.tile_tokens);
+                const int64_t keys = ctx - (q1 - t1);  // the tile's last token sees keys [0, keys)
+                const double cost = double((t1 - t0) * p.group + kKeyCost) * double(keys);
+                plan.units.push_back({b, kh, t0, t1, 0, keys, -1, 0, cost});
+                plan.cost += cost;
             }
         }
+    }
+    if (threads > 1) split_long_tiles(p, plan, threads);
+    // Longest first: the dynamic schedule then ends with short units filling the gaps.
+    std::stable_sort(plan.units.begin(), plan.units.end(), [](const Unit& x, const Unit& y) { return x.cost > y.cost; });
+    return plan;
+}
+
+Problem make_problem(const AttentionArgs& a) {
+    const KvCache& c = a.cache;
+    const int64_t es = kv_elem_size(c.kv_dtype), hdp = round_up(c.head_dim, W), group = a.num_heads / c.kv_heads;
+    // Tiles of about 2048 / hdp rows (32 for head_dim 64): queries and outputs stay in L1 / L2.
+    const int64_t tile_tokens = std::max<int64_t>(1, std::max<int64_t>(8, 2048 / hdp) / group);
+    const int64_t slot_bytes = c.kv_heads * c.head_dim * es;
+    return Problem{a, c.kv_dtype, c.head_dim, hdp, group, tile_tokens, c.head_dim * es, slot_bytes,
+                   c.num_blocks * c.block_size * slot_bytes, static_cast<const uint8_t*>(c.data)};
+}
+
+// Tokens that no sequence owns (before query_start_loc[0] and from query_start_loc[B]) are zeros.
+void zero_unowned(const AttentionArgs& a) {
+    const int64_t row = a.num_heads * a.cache.head_dim;
+    const int64_t first = a.query_start_loc[0], last = a.query_start_loc[a.num_seqs];
+    std::fill(a.out, a.out + first * row, 0.f);
+    std::fill(a.out + last * row, a.out + a.num_tokens * row, 0.f);
+}
+
+}  // namespace
+
+void paged_attention(const AttentionArgs& a) {
+    zero_unowned(a);
+    const Problem p = make_problem(a);
+    const Plan plan = make_plan(p, a.num_threads);
+    std::vector<float> scratch(size_t(plan.scratch_floats));
+    void (*run)(const Problem&, const Unit&, Workspace&, float*) =
+        p.dtype == KV_I8 ? run_unit<KV_I8> : p.dtype == KV_FP8 ? run_unit<KV_FP8> : run_unit<KV_F32>;
+    const int64_t n_units = int64_t(plan.units.size()), n_splits = int64_t(plan.splits.size());
+    const bool parallel = a.num_threads > 1 && plan.cost >= kParallelCost;
+#pragma omp parallel num_threads(a.num_threads) if (parallel)
+    {
+        Workspace ws(p.tile_tokens * p.group, p.hdp);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < n_units; ++i) {
+            const Unit& u = plan.units[size_t(i)];
+            float* partial = nullptr;
+            if (u.split >= 0) {
+                const Split& s = plan.splits[size_t(u.split)];
+                partial = scratch.data() + s.scratch + u.part * partial_floats(p, (u.t1 - u.t0) * p.group);
+            }
+            run(p, u, ws, partial);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < n_splits; ++i) merge_split(p, plan.splits[size_t(i)], scratch.data());
     }
 }
 

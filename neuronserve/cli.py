@@ -18,7 +18,16 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="cpu")
     parser.add_argument("--max-model-len", type=int, default=2048, help="most tokens per sequence")
     parser.add_argument("--quantization", choices=["int8", "fp8", "int4"], default=None, help="weight-only")
+    parser.add_argument(
+        "--quantize-lm-head", action="store_true", help="with --quantization: the LM head too (default: kept)"
+    )
     parser.add_argument("--kv-cache-dtype", choices=["auto", "int8", "fp8"], default="auto")
+    parser.add_argument(
+        "--kernels",
+        choices=["native", "torch"],
+        default="native",
+        help="cpu backend: C++ kernels or torch ops",
+    )
     parser.add_argument(
         "--tensor-parallel-size", "-tp", type=int, default=1, help="shard the model over this many processes"
     )
@@ -226,8 +235,10 @@ def _engine(args: argparse.Namespace, scheduler_config, cache_config, kv_cache_g
         cache_config=cache_config,
         kv_cache_gb=kv_cache_gb,
         quantization=args.quantization,
+        modules_to_not_convert=["embed_tokens"] if args.quantize_lm_head else None,
         tensor_parallel_size=args.tensor_parallel_size,
         compile_config=_compile_config(args),
+        kernels=args.kernels,
     )
 
 

@@ -55,6 +55,8 @@ class LLM:
         compile_config: all compile settings (context buckets, compiler flags, target instance);
             ``artifact_cache`` overrides its cache location.
         seed: seed of the sampler shared by requests without their own ``seed``.
+        kernels: ``native`` (default): the ``cpu`` backend runs its linear layers and attention
+            on neuronserve's C++ kernels; ``torch``: on torch's ops, for comparison.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class LLM:
         artifact_cache: str | None = None,
         compile_config: CompileConfig | None = None,
         seed: int = 0,
+        kernels: str = "native",
     ) -> None:
         scheduler_config = SchedulerConfig(
             max_num_seqs=max_num_seqs,
@@ -103,6 +106,7 @@ class LLM:
             tensor_parallel_size=tensor_parallel_size,
             compile_config=_with_cache(compile_config, artifact_cache),
             seed=seed,
+            kernels=kernels,
         )
         self._ids = itertools.count()
 

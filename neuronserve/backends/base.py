@@ -55,6 +55,9 @@ class Backend(ABC):
     # True for a backend that shards the model over devices itself (neuron, with
     # neuronx_distributed); otherwise tensor parallelism runs one process per rank.
     shards_itself: bool = False
+    # True for a backend whose build_runner takes ``kernels`` ("native" | "torch": the C++ kernels
+    # of neuronserve.ops or torch's ops); the static-graph backends trace the torch composites.
+    uses_kernels: bool = False
 
     @abstractmethod
     def build_runner(

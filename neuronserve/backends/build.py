@@ -32,6 +32,7 @@ class ModelSpec:
     kv_cache_gb: float | None = None
     tensor_parallel_size: int = 1
     compile_config: CompileConfig | None = None
+    kernels: str = "native"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -97,6 +98,8 @@ def build_rank(spec: ModelSpec, group: TPGroup = SINGLE) -> BuiltRank:
             tensor_parallel_size=spec.tensor_parallel_size,
             rank_model_fn=functools.partial(_rank_model, rank_spec),
         )
+    elif backend.uses_kernels:
+        runner = backend.build_runner(*args, kernels=spec.kernels)
     else:
         runner = backend.build_runner(*args)
     return BuiltRank(runner, config, cache_config, hf_dir)

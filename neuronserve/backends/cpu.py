@@ -2,6 +2,11 @@
 
 Eager mode skips padding (each step runs at its real size and the block table is trimmed to the
 longest context), so small steps stay cheap. The traced and Neuron backends pad to the bucket.
+
+``kernels="native"`` (the default) runs the linear layers and attention on the C++ kernels of
+``neuronserve.ops`` (paged attention read in place, quantized GEMV/GEMM); ``"torch"`` keeps torch's
+ops (the transposed-weight layout, and attention over gathered blocks) for comparison. Without a
+built kernel library ``native`` falls back to ``torch`` with a warning.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from neuronserve.backends.inputs import (
     eager_attention_plan,
 )
 from neuronserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from neuronserve.model.llama import EagerAttentionPlan
+from neuronserve.ops import KERNEL_CHOICES, native_available, use_native_linears
 
 
 class CPUModelRunner(ChunkModelRunner):
@@ -33,8 +40,13 @@ class CPUModelRunner(ChunkModelRunner):
         cache_config: CacheConfig,
         scheduler_config: SchedulerConfig,
         cache_dtype: torch.dtype | None = None,
+        kernels: str = "native",
     ) -> None:
-        self.model = use_transposed_linears(model.eval())
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels: {kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
+        self.native = kernels == "native" and native_available()
+        self.kernels = "native" if self.native else "torch"
+        self.model = use_native_linears(model.eval()) if self.native else use_transposed_linears(model.eval())
         self.model_config = model_config
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
@@ -61,15 +73,22 @@ class CPUModelRunner(ChunkModelRunner):
             return torch.empty(0, self.model_config.vocab_size)
         check_token_ids(chunks, self.model_config.vocab_size)
         inputs = build_step_inputs(chunks, self.cache_config.block_size)
-        plan = eager_attention_plan(chunks, self.cache_config.block_size)
-        plan.workspace = self._workspace(plan.num_decode_tokens * inputs.block_tables.shape[1])
+        if self.native:
+            plan = EagerAttentionPlan(
+                paged=(inputs.block_tables, inputs.query_start_loc, inputs.context_lens)
+            )
+        else:
+            plan = eager_attention_plan(chunks, self.cache_config.block_size)
+            plan.workspace = self._workspace(plan.num_decode_tokens * inputs.block_tables.shape[1])
         logits, _ = self.model(*inputs.as_args(), self.kv_cache, plan=plan)
         return logits[: inputs.num_seqs]
 
 
 @register_backend("cpu")
 class CPUBackend(Backend):
+    uses_kernels = True
+
     def build_runner(
-        self, model, model_config, cache_config, scheduler_config, compile_config=None
+        self, model, model_config, cache_config, scheduler_config, compile_config=None, kernels="native"
     ) -> ModelRunner:
-        return CPUModelRunner(model, model_config, cache_config, scheduler_config)
+        return CPUModelRunner(model, model_config, cache_config, scheduler_config, kernels=kernels)

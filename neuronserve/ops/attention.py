@@ -19,7 +19,9 @@ _KV_DTYPES = {torch.float32: 0, torch.int8: 1, torch.float8_e4m3fn: 2}
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 
 _lib_def = torch.library.Library("neuronserve", "DEF")
-_lib_def.define("write_kv(Tensor k, Tensor v, Tensor(a!) kv_cache, Tensor slot_mapping, Tensor kv_scale) -> ()")
+_lib_def.define(
+    "write_kv(Tensor k, Tensor v, Tensor(a!) kv_cache, Tensor slot_mapping, Tensor kv_scale) -> ()"
+)
 _lib_def.define(
     "paged_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor query_start_loc, "
     "Tensor context_lens, Tensor kv_scale, float scale) -> Tensor"
@@ -89,7 +91,9 @@ def _check_cache(kv_cache: torch.Tensor, kv_scale: torch.Tensor) -> None:
     if kv_cache.dtype not in _KV_DTYPES:
         raise ValueError(f"kv_cache: dtype {kv_cache.dtype} is not float32, int8 or float8_e4m3fn")
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
-        raise ValueError(f"kv_cache: shape {tuple(kv_cache.shape)} is not (2, blocks, block_size, kv_heads, hd)")
+        raise ValueError(
+            f"kv_cache: shape {tuple(kv_cache.shape)} is not (2, blocks, block_size, kv_heads, hd)"
+        )
     if not kv_cache.is_contiguous():
         raise ValueError("kv_cache: must be contiguous")
     if kv_scale.dtype != torch.float32 or tuple(kv_scale.shape) != (2, kv_cache.shape[3]):
@@ -132,7 +136,9 @@ def _write_kv_cpu(k, v, kv_cache, slot_mapping, kv_scale) -> None:
 
 def _paged_attention_cpu(q, kv_cache, block_tables, query_start_loc, context_lens, kv_scale, scale):
     if _lib.LIB is None:
-        return paged_attention_reference(q, kv_cache, block_tables, query_start_loc, context_lens, kv_scale, scale)
+        return paged_attention_reference(
+            q, kv_cache, block_tables, query_start_loc, context_lens, kv_scale, scale
+        )
     _check_cache(kv_cache, kv_scale)
     if q.dim() != 3 or q.shape[2] != kv_cache.shape[4]:
         raise ValueError(f"q: shape {tuple(q.shape)} is not (tokens, heads, {kv_cache.shape[4]})")
@@ -174,7 +180,9 @@ def write_kv(k, v, kv_cache, slot_mapping, kv_scale) -> None:
     torch.ops.neuronserve.write_kv(k, v, kv_cache, slot_mapping, kv_scale)
 
 
-def paged_attention(q, kv_cache, block_tables, query_start_loc, context_lens, kv_scale, scale) -> torch.Tensor:
+def paged_attention(
+    q, kv_cache, block_tables, query_start_loc, context_lens, kv_scale, scale
+) -> torch.Tensor:
     """Attention of ``q [T, heads, head_dim]`` (fp32) over each sequence's cached context, read in
     place through ``block_tables [B, max_blocks]``; returns ``[T, heads, head_dim]``."""
     return torch.ops.neuronserve.paged_attention(

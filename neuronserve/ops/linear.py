@@ -134,7 +134,11 @@ class NativeLinear(nn.Module):
         self.group_size = 0
         if isinstance(layer, Int8Linear):
             self.wtype, self.weight, self.scale = W_I8, layer.qweight, layer.scale
-            if _lib.LIB is not None and _lib.best_isa() == "avx512_vnni" and layer.in_features % Q8_BLOCK == 0:
+            if (
+                _lib.LIB is not None
+                and _lib.best_isa() == "avx512_vnni"
+                and layer.in_features % Q8_BLOCK == 0
+            ):
                 self.wsum = weight_block_sums(layer.qweight)
         elif isinstance(layer, FP8Linear):
             self.wtype, self.weight, self.scale = W_FP8, layer.qweight, layer.scale

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,11 +22,23 @@ class TextScore:
 
 @torch.inference_mode()
 def score_text(
-    model, token_ids: Sequence[int], window: int = 512, block_size: int = 16, kv_dtype=torch.float32
+    model,
+    token_ids: Sequence[int],
+    window: int = 512,
+    block_size: int = 16,
+    kv_dtype=torch.float32,
+    kernels: str = "torch",
 ) -> TextScore:
     """Perplexity of ``token_ids`` under ``model``, in non-overlapping windows of ``window`` tokens
     (each window starts from an empty context), through the model's own paged forward, with a KV
-    cache of ``kv_dtype`` (int8 / fp8 need calibrated scales, see ``neuronserve.quant.kv``)."""
+    cache of ``kv_dtype`` (int8 / fp8 need calibrated scales, see ``neuronserve.quant.kv``).
+    ``kernels="native"`` runs it on the C++ kernels (on a copy of the model) as the CPU backend does."""
+    plan = None
+    if kernels == "native":
+        from neuronserve.model.llama import EagerAttentionPlan
+        from neuronserve.ops import use_native_linears
+
+        model = use_native_linears(copy.deepcopy(model))
     nll, count, argmaxes = 0.0, 0, []
     num_blocks = -(-window // block_size)
     for start in range(0, len(token_ids) - 1, window):
@@ -36,7 +49,11 @@ def score_text(
         kv = torch.zeros(model.kv_cache_shape(num_blocks + 1, block_size)).to(kv_dtype)
         every_position = torch.arange(len(chunk) - 1)
         args = (*inputs.as_args()[:-1], every_position)  # logits at every position, not just the last
-        logits, _ = model(*args, kv)
+        if kernels == "native":
+            plan = EagerAttentionPlan(
+                paged=(inputs.block_tables, inputs.query_start_loc, inputs.context_lens)
+            )
+        logits, _ = model(*args, kv, plan=plan)
         targets = torch.tensor(chunk[1:])
         nll += F.cross_entropy(logits.float(), targets, reduction="sum").item()
         count += len(targets)

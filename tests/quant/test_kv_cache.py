@@ -24,8 +24,9 @@ def smollm2():
     return model, Tokenizer.from_dir(hf_dir)
 
 
+@pytest.mark.parametrize("kernels", ["torch", "native"])
 @pytest.mark.parametrize("dtype", sorted(GATES, key=str))
-def test_quantized_kv_cache_keeps_the_perplexity(smollm2, dtype):
+def test_quantized_kv_cache_keeps_the_perplexity(smollm2, dtype, kernels):
     model, tokenizer = smollm2
     ids = tokenizer.encode(TEXT, add_special_tokens=False)
     reference = score_text(model, ids)
@@ -33,10 +34,10 @@ def test_quantized_kv_cache_keeps_the_perplexity(smollm2, dtype):
     calibrate_kv_scales(quantized, tokenizer.encode(CALIBRATION_TEXT), dtype)
     scales = torch.stack([layer.self_attn.kv_scale for layer in quantized.layers])
     assert (scales > 0).all() and scales.std() > 0  # calibrated per layer and head, not a constant
-    score = score_text(quantized, ids, kv_dtype=dtype)
+    score = score_text(quantized, ids, kv_dtype=dtype, kernels=kernels)
     rise = score.perplexity / reference.perplexity - 1
     agreement = (score.argmax == reference.argmax).float().mean().item()
-    print(f"{dtype} KV: perplexity {score.perplexity:.3f} vs {reference.perplexity:.3f}, {agreement:.1%}")
+    print(f"{dtype} KV ({kernels}): {score.perplexity:.3f} vs {reference.perplexity:.3f}, {agreement:.1%}")
     assert rise <= GATES[dtype] and agreement > 0.9
 
 

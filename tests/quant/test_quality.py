@@ -22,19 +22,23 @@ def reference():
     return model, ids, score_text(model, ids)
 
 
+@pytest.mark.parametrize("kernels", ["torch", "native"])
 @pytest.mark.parametrize("method", sorted(GATES))
-def test_quantized_perplexity_and_greedy_agreement(reference, method):
+def test_quantized_perplexity_and_greedy_agreement(reference, method, kernels):
     model, ids, fp32 = reference
     assert fp32.num_tokens > 400 and 2 < fp32.perplexity < 100  # a real text, a real model
     # int4 in groups of 32: 128 does not divide SmolLM2's hidden size (576), and the embedded GGUF is
     # itself Q4_1 in blocks of 32, which groups of 32 re-create exactly (groups of 64 straddle two
     # Q4_1 blocks and measured +35% perplexity).
     quantized = quantize_model(copy.deepcopy(model), method, group_size=32)
-    score = score_text(quantized, ids)
+    # native: the C++ kernels (int8 with int8 activations on VNNI CPUs), against the fp32 torch path.
+    score = score_text(quantized, ids, kernels=kernels)
     max_rise, min_agreement = GATES[method]
     rise = score.perplexity / fp32.perplexity - 1
     agreement = (score.argmax == fp32.argmax).float().mean().item()
-    print(f"{method}: perplexity {score.perplexity:.3f} vs {fp32.perplexity:.3f}, agreement {agreement:.1%}")
+    print(
+        f"{method} ({kernels}): perplexity {score.perplexity:.3f} vs {fp32.perplexity:.3f}, {agreement:.1%}"
+    )
     assert rise <= max_rise, f"{method}: perplexity rose {rise:.2%} (gate {max_rise:.0%})"
     assert agreement >= min_agreement, f"{method}: greedy agreement {agreement:.1%}"
 

@@ -1,0 +1,293 @@
+"""The native CPU kernels against the torch path and against this machine's limits, one run.
+
+- paged attention: decode at 32 sequences x 512 tokens of context (fp32, int8 and fp8 caches),
+  one sequence x 2,000 tokens, a 256-token prefill chunk; GB/s of K/V read and the fraction of
+  the measured memory bandwidth, against the torch path the CPU backend runs with kernels="torch"
+  (blocks gathered with index_select, then SDPA);
+- linear: SmolLM2-135M's shapes at M = 1, 8, 32, 128, 512 for fp32, int8 (fp32 activations and,
+  on VNNI, int8 activations), fp8 and int4 weights: GB/s of weights (the decode limit) and
+  GFLOP/s (the prefill limit) against torch's layers;
+- whole steps on SmolLM2: 32 sequences decoding (fp32, and int8 weights + int8 KV) and one
+  sequence decoding at 100 vs 2,000 tokens of context, native vs torch.
+
+Writes benchmarks/results/kernels.json.
+
+    python benchmarks/kernels.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from neuronserve import ops
+from neuronserve.backends.cpu import CPUModelRunner
+from neuronserve.backends.cpu_layout import TransposedLinear
+from neuronserve.backends.inputs import SeqChunk
+from neuronserve.bench.machine import gemm_peak_gflops, memory_bandwidth_gbs
+from neuronserve.config import CacheConfig, SchedulerConfig
+from neuronserve.model.llama import Attention, EagerAttentionPlan
+from neuronserve.model.loader import load_model
+from neuronserve.ops.linear import weight_block_sums
+from neuronserve.quant import quantize_model
+from neuronserve.quant.linear import FP8Linear, Int4Linear, Int8Linear
+
+RESULTS = Path(__file__).parent / "results"
+BLOCK = 16
+KV_DTYPES = {"fp32": torch.float32, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
+
+
+def timed(fn, min_seconds: float = 0.3, min_runs: int = 3) -> float:
+    """Median seconds of one call of ``fn`` (after a warm-up call)."""
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------ attention
+def attention_case(config, kv_dtype, num_seqs: int, context: int, new_tokens: int, bandwidth: float) -> dict:
+    """One attention call of ``num_seqs`` sequences with ``context`` tokens each, the last
+    ``new_tokens`` of them new: native kernel vs the torch path, on scattered blocks."""
+    torch.manual_seed(0)
+    attn = Attention(config).eval()
+    nh, kvh, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    per_seq = -(-context // BLOCK)
+    num_blocks = num_seqs * per_seq + 1
+    cache = torch.randn(2, num_blocks, BLOCK, kvh, hd)
+    attn.kv_scale.copy_(cache.abs().amax(dim=(1, 2, 4)) / ops.attention.QMAX.get(kv_dtype, 1.0))
+    cache = ops.attention.quantize_kv(cache, torch.ones(kvh), torch.float32)  # fp32 copy
+    if kv_dtype != torch.float32:
+        cache = torch.stack([ops.attention.quantize_kv(cache[i], attn.kv_scale[i], kv_dtype) for i in (0, 1)])
+    tables = (torch.randperm(num_blocks - 1) + 1)[: num_seqs * per_seq].view(num_seqs, per_seq)
+    T = num_seqs * new_tokens
+    q = torch.randn(T, nh, hd)
+    qsl = torch.arange(num_seqs + 1) * new_tokens
+    ctx = torch.full((num_seqs,), context)
+
+    def native():
+        return ops.paged_attention(q, cache, tables, qsl, ctx, attn.kv_scale, attn.scale)
+
+    if new_tokens == 1:  # the torch path's batched decode gather
+        positions = ctx - 1
+        key_pos = torch.arange(per_seq * BLOCK)
+        mask = ((key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] < ctx[:, None]))[:, None, None]
+        workspace = (
+            cache.new_empty(T * per_seq, BLOCK, kvh, hd),
+            cache.new_empty(T * per_seq, BLOCK, kvh, hd),
+        )
+
+        def reference():
+            return attn._gathered_attention(q, cache, tables, mask, workspace)
+    else:  # one prefill segment per sequence
+        positions = torch.cat([torch.arange(context - new_tokens, context)] * num_seqs)
+        segments = [(b * new_tokens, (b + 1) * new_tokens, context, tables[b]) for b in range(num_seqs)]
+        plan = EagerAttentionPlan(prefill_segments=segments)
+
+        def reference():
+            return attn._planned_attention(q, cache, None, None, positions, plan)
+
+    with torch.inference_mode():
+        torch.testing.assert_close(native(), reference(), atol=2e-3, rtol=2e-3)
+        t_native, t_torch = timed(native), timed(reference)
+    kv_bytes = 2 * num_seqs * context * kvh * hd * cache.element_size()
+    gbs = kv_bytes / t_native / 1e9
+    return {
+        "case": f"{num_seqs} seq x {context} ctx, {new_tokens} new",
+        "kv_cache": str(kv_dtype).removeprefix("torch."),
+        "native_ms": round(t_native * 1e3, 3),
+        "torch_ms": round(t_torch * 1e3, 3),
+        "speedup": round(t_torch / t_native, 2),
+        "kv_gb_s": round(gbs, 2),
+        "bandwidth_fraction": round(gbs / bandwidth, 3),
+    }
+
+
+# ------------------------------------------------------------------------------------ linear
+SHAPES = {
+    "qkv": (576, 960),
+    "o": (576, 576),
+    "gate_up": (576, 3072),
+    "down": (1536, 576),
+    "lm_head": (576, 49152),
+}
+
+
+def linear_layers(k: int, n: int) -> dict:
+    """(torch layer, native call) per weight format, for a [n, k] weight."""
+    torch.manual_seed(0)
+    fp32 = torch.nn.Linear(k, n, bias=False)
+    int8 = Int8Linear.from_linear(fp32)
+    wsum = weight_block_sums(int8.qweight)
+    formats = {
+        "fp32": (TransposedLinear(fp32), lambda x: ops.linear(x, fp32.weight.detach())),
+        "int8": (int8, lambda x: ops.linear(x, int8.qweight, 1, int8.scale)),
+        "fp8": (FP8Linear.from_linear(fp32), None),
+        "int4": (Int4Linear.from_linear(fp32, 32), None),
+    }
+    fp8, int4 = formats["fp8"][0], formats["int4"][0]
+    formats["fp8"] = (fp8, lambda x: ops.linear(x, fp8.qweight, 2, fp8.scale))
+    formats["int4"] = (int4, lambda x: ops.linear(x, int4.qweight, 3, int4.scale, int4.minimum, 32))
+    if ops.best_isa() == "avx512_vnni":
+        formats["int8_vnni"] = (int8, lambda x: ops.linear(x, int8.qweight, 1, int8.scale, wsum=wsum))
+    return formats
+
+
+def linear_cases(rows: list[int], shapes: list[str], bandwidth: float, peak: float) -> list[dict]:
+    results = []
+    for name in shapes:
+        k, n = SHAPES[name]
+        for fmt, (layer, native) in linear_layers(k, n).items():
+            weight_bytes = n * k * {"fp32": 4, "int4": 0.5}.get(fmt, 1)
+            for m in rows:
+                x = torch.randn(m, k)
+                with torch.inference_mode():
+                    t_native = timed(lambda native=native, x=x: native(x))
+                    t_torch = timed(lambda layer=layer, x=x: layer(x))
+                results.append(
+                    {
+                        "shape": name,
+                        "format": fmt,
+                        "M": m,
+                        "native_ms": round(t_native * 1e3, 3),
+                        "torch_ms": round(t_torch * 1e3, 3),
+                        "speedup": round(t_torch / t_native, 2),
+                        "weight_gb_s": round(weight_bytes / t_native / 1e9, 2),
+                        "bandwidth_fraction": round(weight_bytes / t_native / 1e9 / bandwidth, 3),
+                        "gflops": round(2 * m * n * k / t_native / 1e9, 1),
+                        "peak_fraction": round(2 * m * n * k / t_native / 1e9 / peak, 3),
+                    }
+                )
+    return results
+
+
+# ------------------------------------------------------------------------------------ whole steps
+class Sequences:
+    """``n`` sequences with their own block tables on a runner, prefilled, then decoded together."""
+
+    def __init__(self, runner: CPUModelRunner, n: int, context: int) -> None:
+        self.runner, self.n = runner, n
+        per_seq = -(-(context + 64) // BLOCK)
+        self.tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(n)]
+        self.lens = [0] * n
+        for i in range(n):  # prefill in chunks of up to 512 tokens
+            while self.lens[i] < context:
+                size = min(512, context - self.lens[i])
+                tokens = [(7919 * (i + j)) % 40000 + 100 for j in range(size)]
+                runner.run_chunks([SeqChunk(tokens, self.lens[i], self.tables[i])])
+                self.lens[i] += size
+
+    def decode_step(self) -> None:
+        chunks = [SeqChunk([1000 + i], self.lens[i], self.tables[i]) for i in range(self.n)]
+        self.runner.run_chunks(chunks)
+        self.lens = [n + 1 for n in self.lens]
+
+
+def build_runner(model, config, kernels: str, variant: str, num_blocks: int) -> CPUModelRunner:
+    model = copy.deepcopy(model)
+    kv = "auto"
+    if variant.startswith("int8"):
+        quantize_model(model, "int8", ["embed_tokens"])  # the LM head too
+        kv = "int8"
+        from neuronserve.quant.kv import CALIBRATION_TEXT, calibrate_kv_scales
+
+        ids = [(ord(c) * 31) % 40000 + 100 for c in CALIBRATION_TEXT]
+        calibrate_kv_scales(model, ids, torch.int8)
+    cache = CacheConfig(block_size=BLOCK, num_blocks=num_blocks, cache_dtype=kv)
+    sched = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512, max_model_len=4096)
+    return CPUModelRunner(model, config, cache, sched, kernels=kernels)
+
+
+def step_cases(model, config, quick: bool) -> list[dict]:
+    results = []
+    cases = [(32, 256, 8)] + ([] if quick else [(1, 100, 16), (1, 2000, 16)])
+    for variant in ("fp32", "int8 + int8 KV"):
+        for kernels in ("native", "torch"):
+            runner = build_runner(model, config, kernels, variant, num_blocks=1200)
+            for n, context, steps in cases:
+                seqs = Sequences(runner, n, context)
+                times = []
+                with torch.inference_mode():
+                    for _ in range(steps):
+                        t0 = time.perf_counter()
+                        seqs.decode_step()
+                        times.append(time.perf_counter() - t0)
+                ms = statistics.median(times[1:]) * 1e3
+                results.append(
+                    {
+                        "variant": variant,
+                        "kernels": kernels,
+                        "sequences": n,
+                        "context": context,
+                        "step_ms": round(ms, 2),
+                    }
+                )
+                print(f"  {variant:<16}{kernels:<8}{n:>3} seq x {context:>5} ctx: {ms:8.2f} ms/step")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and no long-context steps")
+    parser.add_argument("--out", type=Path, default=RESULTS / "kernels.json")
+    args = parser.parse_args()
+
+    bandwidth, peak = memory_bandwidth_gbs(), gemm_peak_gflops()
+    print(f"threads {torch.get_num_threads()}, kernels ISA {ops.best_isa()}: memory read "
+          f"{bandwidth:.1f} GB/s, fp32 GEMM peak {peak:.0f} GFLOP/s")  # fmt: skip
+    model, config, _ = load_model("smollm2-135m-instruct")
+
+    print("paged attention (SmolLM2: 9 query / 3 KV heads, head_dim 64, block 16)")
+    attention = []
+    for name, dtype in KV_DTYPES.items():
+        attention.append(attention_case(config, dtype, 32, 512, 1, bandwidth))
+        if name == "fp32" or not args.quick:
+            attention.append(attention_case(config, dtype, 1, 2000, 1, bandwidth))
+            attention.append(attention_case(config, dtype, 1, 256, 256, bandwidth))
+    for r in attention:
+        print(f"  {r['case']:<28}{r['kv_cache']:<14}native {r['native_ms']:8.3f} ms  torch "
+              f"{r['torch_ms']:8.3f} ms  {r['speedup']:6.2f}x  {r['kv_gb_s']:6.1f} GB/s "
+              f"({r['bandwidth_fraction']:.0%})")  # fmt: skip
+
+    print("linear (x [M, K] @ W^T; GB/s of weights, GFLOP/s)")
+    rows = [1, 32] if args.quick else [1, 8, 32, 128, 512]
+    shapes = ["gate_up"] if args.quick else list(SHAPES)
+    linear = linear_cases(rows, shapes, bandwidth, peak)
+    for r in linear:
+        print(f"  {r['shape']:<8}{r['format']:<10}M={r['M']:<4} native {r['native_ms']:8.3f} ms  torch "
+              f"{r['torch_ms']:8.3f} ms  {r['speedup']:6.2f}x  {r['weight_gb_s']:6.1f} GB/s "
+              f"({r['bandwidth_fraction']:.0%})  {r['gflops']:6.1f} GFLOP/s "
+              f"({r['peak_fraction']:.0%})")  # fmt: skip
+
+    print("decode steps on SmolLM2")
+    steps = step_cases(model, config, args.quick)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "kernels_isa": ops.best_isa(),
+            "memory_bandwidth_gb_s": round(bandwidth, 2),
+            "fp32_gemm_peak_gflops": round(peak, 1),
+            "torch": torch.__version__,
+        },
+        "attention": attention,
+        "linear": linear,
+        "steps": steps,
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
