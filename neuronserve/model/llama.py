@@ -23,6 +23,8 @@ from torch import nn
 
 from neuronserve import ops
 from neuronserve.config import ModelConfig
+from neuronserve.ops.attention import raw_kv as _raw
+from neuronserve.ops.attention import write_kv_reference
 from neuronserve.parallel.group import SINGLE, TPGroup
 from neuronserve.parallel.heads import HeadLayout
 from neuronserve.parallel.layers import (
@@ -62,11 +64,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate ``x [T, heads, head_dim]`` by ``cos/sin [T, 1, head_dim]`` (the rotate-half layout)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    """fp8 tensors as their bytes: index_copy_/index_select have no float8 kernels on CPU."""
-    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
 def _gather(cache: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,14 +141,6 @@ class Attention(nn.Module):
         # neuronserve.quant.kv.calibrate_kv_scales. Unused with a float cache.
         self.register_buffer("kv_scale", torch.ones(2, self.num_kv_heads), persistent=False)
 
-    def _store(self, x: torch.Tensor, which: int, dtype: torch.dtype) -> torch.Tensor:
-        """``x (..., kvh, hd)`` in the cache's dtype: quantized with the head's scale if integer/fp8."""
-        if dtype == torch.int8:
-            return (x / self.kv_scale[which][:, None]).round().clamp(-127, 127).to(dtype)
-        if dtype == torch.float8_e4m3fn:
-            return (x / self.kv_scale[which][:, None]).clamp(-448, 448).to(dtype)
-        return x.to(dtype)
-
     def _load(self, x: torch.Tensor, which: int, dtype: torch.dtype) -> torch.Tensor:
         if x.dtype in (torch.int8, torch.float8_e4m3fn):
             return x.to(dtype) * self.kv_scale[which][:, None].to(dtype)
@@ -180,11 +169,9 @@ class Attention(nn.Module):
             out = ops.paged_attention(q, kv_cache, *plan.paged, self.kv_scale, self.scale)
             return self.o_proj(out.view(T, self.q_size))
 
-        # Write the new tokens' K/V into their slots, then read every context from the cache.
-        k_cache = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # (slots, kvh, hd)
-        v_cache = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
-        _raw(k_cache).index_copy_(0, slot_mapping, _raw(self._store(k, 0, k_cache.dtype)))
-        _raw(v_cache).index_copy_(0, slot_mapping, _raw(self._store(v, 1, v_cache.dtype)))
+        # Write the new tokens' K/V into their slots (quantized for an int8 / fp8 cache: the same
+        # torch composite the native kernel is tested against), then read every context back.
+        write_kv_reference(k, v, kv_cache, slot_mapping, self.kv_scale)
         if plan is None:
             out = self._gathered_attention(q, kv_cache, context_block_tables, attn_mask)
         else:

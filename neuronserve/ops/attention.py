@@ -44,7 +44,8 @@ def dequantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
-def _raw(t: torch.Tensor) -> torch.Tensor:
+def raw_kv(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors as their bytes: index_copy_/index_select have no float8 kernels on CPU."""
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
@@ -53,7 +54,7 @@ def write_kv_reference(k, v, kv_cache, slot_mapping, kv_scale) -> None:
     kvh, hd = kv_cache.shape[-2:]
     for which, x in ((0, k), (1, v)):
         slots = kv_cache[which].view(-1, kvh, hd)
-        _raw(slots).index_copy_(0, slot_mapping, _raw(quantize_kv(x, kv_scale[which], kv_cache.dtype)))
+        raw_kv(slots).index_copy_(0, slot_mapping, raw_kv(quantize_kv(x, kv_scale[which], kv_cache.dtype)))
 
 
 def paged_attention_reference(
@@ -69,8 +70,8 @@ def paged_attention_reference(
         if end == start:
             continue
         blocks = block_tables[b, : -(-ctx // block_size)]
-        keys = _raw(kv_cache[0]).index_select(0, blocks).view(kv_cache.dtype).flatten(0, 1)[:ctx]
-        values = _raw(kv_cache[1]).index_select(0, blocks).view(kv_cache.dtype).flatten(0, 1)[:ctx]
+        keys = raw_kv(kv_cache[0]).index_select(0, blocks).view(kv_cache.dtype).flatten(0, 1)[:ctx]
+        values = raw_kv(kv_cache[1]).index_select(0, blocks).view(kv_cache.dtype).flatten(0, 1)[:ctx]
         keys, values = dequantize_kv(keys, kv_scale[0]), dequantize_kv(values, kv_scale[1])
         positions = torch.arange(ctx - (end - start), ctx)
         mask = torch.arange(ctx)[None, :] <= positions[:, None]  # (n, ctx)

@@ -42,8 +42,9 @@ def test_bad_values_raise_naming_the_field(kwargs, field):
 
 
 def test_the_ends_of_each_range_are_accepted():
-    SamplingParams(temperature=0, top_p=1, top_k=-1, min_p=0, presence_penalty=-2, frequency_penalty=2)
-    SamplingParams(temperature=2, top_p=1e-6, top_k=1, min_p=1, repetition_penalty=5, max_tokens=1)
+    low = SamplingParams(temperature=0, top_p=1, top_k=-1, min_p=0, presence_penalty=-2, frequency_penalty=2)
+    high = SamplingParams(temperature=2, top_p=1e-6, top_k=1, min_p=1, repetition_penalty=5, max_tokens=1)
+    assert low.greedy and not high.greedy and high.truncates and high.has_penalties
 
 
 def test_defaults_and_normalisation():
