@@ -3,22 +3,22 @@
 //
 // Both operands run contiguously along K, so the micro-kernel is a "dot" tile: MR rows of x against
 // NR rows of W, one vector accumulator per (x row, W row) pair, reduced horizontally once per tile
-// (four accumulators at a time). Each weight vector is loaded (and widened from int8 / fp8 / int4)
-// once per k step and used for all MR x rows.
+// (four accumulators at a time). Each weight vector is loaded and widened (int8 / fp8 / int4 to
+// fp32, in registers) once per k step and used for all MR x rows; int8 / fp8 per-channel scales go
+// on the reduced sums, not on every weight.
 //
-// Two ways through a layer, chosen by the number of rows M:
-//  - direct (M <= DIRECT_MAX_ROWS, decode): tiles read the stored weights and widen them in
-//    registers. The step is memory-bound: every weight byte is read once, at the bytes it is stored
-//    in, and int8 / fp8 per-channel scales are applied to the reduced sums, not to every weight.
-//  - panel (more rows, prefill): each task widens its slice of W once into an fp32 panel that stays
-//    in L2 and runs the fp32 tile over all M rows; the widening cost is then shared by M / MR tiles
-//    and the step runs at the fp32 tile's FLOP rate. fp32 weights are their own panel.
-// Threads (OpenMP, torch's libgomp) take contiguous slices of W's rows ("tasks"); x is shared.
+// Threads (OpenMP, torch's libgomp) take contiguous slices of W's rows ("tasks", a few per thread,
+// each small enough to stay in L2); x is shared. A task runs x tile after x tile (the tile stays in
+// L1) over all its weight tiles: the first x tile reads the weights from memory, fetching the next
+// weight tile ahead in software (short rows defeat the hardware prefetchers), the later x tiles
+// read them from L2. At M = 1 (decode) every weight byte is read once, at its stored size.
 //
-// int4 with groups that are a multiple of 32 inputs (the format's default) decodes 32 inputs at a
-// time; x is first copied with each 2*VL-input chunk reordered to [even inputs, odd inputs], which is
-// the order the nibbles come out of a byte vector in (low nibble = even input), so the decode needs
-// no interleave. Other even group sizes always take the panel path, in natural order.
+// int4 with groups that are a multiple of 32 inputs (the format's default) decodes 2 * VL inputs
+// at a time through a per-group lookup table; x is first copied with each 2 * VL-input chunk
+// reordered to [even inputs, odd inputs], the order the nibbles come out of a byte vector in (low
+// nibble = even input), so the decode needs no interleave. As int4's decode costs more than int8's
+// widening, a task with more than one x tile decodes its slice once into an fp32 panel; other even
+// group sizes always take that panel, in natural order.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -47,7 +47,7 @@ namespace {
 
 constexpr int VL = 16;
 constexpr int MR_MAX = 4;  // 4x4 accumulators + 4 weight vectors + 1 x vector of the 32 zmm registers
-constexpr int NR = 4;      // weight rows per tile (also for one x row: 8 rows, more streams, measured slower)
+constexpr int NR = 4;      // weight rows per tile (also for one x row: 8, more streams, measured slower)
 using vf = __m512;
 
 inline vf vzero() { return _mm512_setzero_ps(); }
@@ -109,7 +109,9 @@ using vf = __m256;
 
 inline vf vzero() { return _mm256_setzero_ps(); }
 inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256i first(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+inline __m256i first(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
 inline vf vload_n(const float* p, int n) { return _mm256_maskload_ps(p, first(n)); }
 inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
@@ -189,7 +191,7 @@ inline void decode_i4(const uint8_t* p, const I4Group& g, vf* w) {
 
 // ------------------------------------------------------------------------------ weight formats
 // fp8 codes are read as floats 2^120 too small (cvt_fp8_raw: three instructions, no multiply, which
-// matters where the GEMV is bound by the widening rather than by memory). The direct path instead
+// matters where the GEMV is bound by the widening rather than by memory). linear() instead
 // multiplies x by 2^FP8_X_SHIFT beforehand and the sums by 2^(120 - FP8_X_SHIFT) afterwards: both
 // exact, and halfway, so that neither x (unless |x| > 2^68) overflows nor products of ordinary
 // sizes fall to subnormals, and every product and sum rounds as it would unscaled.
@@ -221,38 +223,34 @@ struct Job {
     float* y;
     int64_t ldy;
     int64_t M, K;
-    const float* scale;  // per output column, applied to the sums (direct int8 / fp8), or null
-    float scale_mult;    // with it, a power of two (direct fp8: see FP8_X_SHIFT)
+    const float* scale;  // per output column, applied to the sums (int8 / fp8), or null
+    float scale_mult;    // with it, a power of two (fp8: see FP8_X_SHIFT)
     const float* bias;   // or null
-    bool accumulate;     // add the sums to y (a later slice of K), rather than store them
 };
 
 // y[m0 + i, n + j] = out[i][j] (* scale) (+ bias) for the tile's valid mr x nr corner.
-template <int NRt>
-inline void store_tile(const Job& job, int64_t m0, int mr, int64_t n, int nr, const float (*out)[NRt]) {
+inline void store_tile(const Job& job, int64_t m0, int mr, int64_t n, int nr, const float (*out)[NR]) {
     for (int i = 0; i < mr; ++i) {
         float* y = job.y + (m0 + i) * job.ldy + n;
         for (int j = 0; j < nr; ++j) {
             float v = out[i][j];
             if (job.scale) v = v * job.scale_mult * job.scale[n + j];
             if (job.bias) v += job.bias[n + j];
-            y[j] = job.accumulate ? y[j] + v : v;
+            y[j] = v;
         }
     }
 }
 
-// The reduced accumulators of an MR x NRt tile into out (four at a time).
-template <int MR, int NRt>
-inline void reduce_tile(const vf (&acc)[MR][NRt], float (*out)[NRt]) {
-    static_assert(NRt % 4 == 0, "tiles reduce four accumulators at a time");
+// The reduced accumulators of an MR x NR tile into out.
+template <int MR>
+inline void reduce_tile(const vf (&acc)[MR][NR], float (*out)[NR]) {
+    static_assert(NR == 4, "a tile's row of accumulators is reduced by one reduce4");
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-        for (int j = 0; j < NRt; j += 4) reduce4(acc[i][j], acc[i][j + 1], acc[i][j + 2], acc[i][j + 3], &out[i][j]);
+    for (int i = 0; i < MR; ++i) reduce4(acc[i][0], acc[i][1], acc[i][2], acc[i][3], out[i]);
 }
 
-// Software prefetch of the next tile's weights while this one runs (direct path). A tile's NRt
-// rows are one contiguous run of memory, read as NRt short streams (a 576-input int8 row is nine
+// Software prefetch of the next tile's weights while this one runs (first x tile only). A tile's NR
+// rows are one contiguous run of memory, read as NR short streams (a 576-input int8 row is nine
 // cache lines), too short for the hardware prefetchers to get ahead of; the tile's k loop consumes
 // STEP bytes of it per step, and fetches the same number of bytes one tile ahead, in order.
 template <int STEP>
@@ -267,44 +265,45 @@ struct NextTile {
     }
 };
 
-// Dot tile: MR rows of x against NRt weight rows (w: row 0, rows ldw elements apart; only the first
+// Dot tile: MR rows of x against NR weight rows (w: row 0, rows ldw elements apart; only the first
 // nr are real: the others repeat the last one and their sums are dropped) over all K inputs.
-// PREFETCH: the rows are W's own (ldw == K) and the next tile follows them (see NextTile).
-template <int MR, int NRt, class Row, bool PREFETCH>
+// PREFETCH: fetch the next tile, the NR rows after these (see NextTile).
+template <int MR, class Row, bool PREFETCH>
 void dot_tile(const float* x, int64_t ldx, const typename Row::T* w, int64_t ldw, int nr, int64_t K,
-              float (*out)[NRt]) {
-    const typename Row::T* wr[NRt];
-    for (int j = 0; j < NRt; ++j) wr[j] = w + std::min(j, nr - 1) * ldw;
-    vf acc[MR][NRt];
+              float (*out)[NR]) {
+    const typename Row::T* wr[NR];
+    for (int j = 0; j < NR; ++j) wr[j] = w + std::min(j, nr - 1) * ldw;
+    vf acc[MR][NR];
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
-        for (int j = 0; j < NRt; ++j) acc[i][j] = vzero();
+        for (int j = 0; j < NR; ++j) acc[i][j] = vzero();
 
-    NextTile<PREFETCH ? int(NRt * VL * sizeof(typename Row::T)) : 0> next{reinterpret_cast<const char*>(w + NRt * ldw)};
+    constexpr int STEP = PREFETCH ? int(NR * VL * sizeof(typename Row::T)) : 0;  // bytes of W a k step
+    NextTile<STEP> next{reinterpret_cast<const char*>(w + NR * ldw)};
     int64_t k = 0;
     for (; k + VL <= K; k += VL) {
         next.step();
-        vf wv[NRt];
+        vf wv[NR];
 #pragma GCC unroll 8
-        for (int j = 0; j < NRt; ++j) wv[j] = Row::load(wr[j] + k);
+        for (int j = 0; j < NR; ++j) wv[j] = Row::load(wr[j] + k);
 #pragma GCC unroll 8
         for (int i = 0; i < MR; ++i) {
             const vf xv = vload(x + i * ldx + k);
 #pragma GCC unroll 8
-            for (int j = 0; j < NRt; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
+            for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
         }
     }
     if (k < K) {  // K not a multiple of VL: the last inputs, zero-padded on both sides
         const int n = int(K - k);
-        vf wv[NRt];
-        for (int j = 0; j < NRt; ++j) wv[j] = Row::load_n(wr[j] + k, n);
+        vf wv[NR];
+        for (int j = 0; j < NR; ++j) wv[j] = Row::load_n(wr[j] + k, n);
         for (int i = 0; i < MR; ++i) {
             const vf xv = vload_n(x + i * ldx + k, n);
-            for (int j = 0; j < NRt; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
+            for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
         }
     }
-    reduce_tile<MR, NRt>(acc, out);
+    reduce_tile<MR>(acc, out);
 }
 
 // int4 dot tile half (groups a multiple of 32 inputs; x in reorder_x's order): MR rows of x against
@@ -349,7 +348,8 @@ void dot_pair_i4(const float* x, int64_t ldx, const uint8_t* w0, const uint8_t* 
 // MR x 4 int4 tile: two pairs of weight rows (only the first nr real), reduced together.
 template <int MR>
 void dot_tile_i4(const float* x, int64_t ldx, const uint8_t* w, int64_t ldw, const float* scale,
-                 const float* minimum, int64_t groups, int nr, int64_t K, float (*out)[4]) {
+                 const float* minimum, int64_t groups, int nr, int64_t K, float (*out)[NR]) {
+    static_assert(NR == 4, "two pairs of weight rows");
     int64_t r[4];
     for (int j = 0; j < 4; ++j) r[j] = std::min(j, nr - 1);
     vf acc[MR][4];
@@ -364,18 +364,18 @@ void dot_tile_i4(const float* x, int64_t ldx, const uint8_t* w, int64_t ldw, con
                                minimum + a * groups, minimum + b * groups, groups, K, ldw, pair);
         for (int i = 0; i < MR; ++i) acc[i][2 * half] = pair[i][0], acc[i][2 * half + 1] = pair[i][1];
     }
-    reduce_tile<MR, 4>(acc, out);
+    reduce_tile<MR>(acc, out);
 }
 
 // ------------------------------------------------------------------------------ strips
 // x rows [m0, m0 + MR) against weight rows [n0, n1) (w points at row n0), tile by tile.
-template <int MR, int NRt, class Row, bool PREFETCH>
+template <int MR, class Row, bool PREFETCH>
 void strip(const Job& job, int64_t m0, const typename Row::T* w, int64_t ldw, int64_t n0, int64_t n1) {
-    float out[MR][NRt];
-    for (int64_t n = n0; n < n1; n += NRt) {
-        const int nr = int(std::min<int64_t>(NRt, n1 - n));
-        dot_tile<MR, NRt, Row, PREFETCH>(job.x + m0 * job.ldx, job.ldx, w + (n - n0) * ldw, ldw, nr, job.K, out);
-        store_tile<NRt>(job, m0, MR, n, nr, out);
+    float out[MR][NR];
+    for (int64_t n = n0; n < n1; n += NR) {
+        const int nr = int(std::min<int64_t>(NR, n1 - n));
+        dot_tile<MR, Row, PREFETCH>(job.x + m0 * job.ldx, job.ldx, w + (n - n0) * ldw, ldw, nr, job.K, out);
+        store_tile(job, m0, MR, n, nr, out);
     }
 }
 
@@ -383,24 +383,24 @@ template <int MR>
 void strip_i4(const Job& job, int64_t m0, const LinearArgs& a, int64_t n0, int64_t n1) {
     const int64_t groups = a.K / a.group_size;
     const auto* w = static_cast<const uint8_t*>(a.w);
-    float out[MR][4];
-    for (int64_t n = n0; n < n1; n += 4) {
-        const int nr = int(std::min<int64_t>(4, n1 - n));
+    float out[MR][NR];
+    for (int64_t n = n0; n < n1; n += NR) {
+        const int nr = int(std::min<int64_t>(NR, n1 - n));
         dot_tile_i4<MR>(job.x + m0 * job.ldx, job.ldx, w + n * (a.K / 2), a.K / 2, a.scale + n * groups,
                         a.minimum + n * groups, groups, nr, job.K, out);
-        store_tile<4>(job, m0, MR, n, nr, out);
+        store_tile(job, m0, MR, n, nr, out);
     }
 }
 
 // The same for any mr <= MR_MAX.
 template <class Row, bool PREFETCH>
 void strip_mr(int mr, const Job& job, int64_t m0, const typename Row::T* w, int64_t ldw, int64_t n0, int64_t n1) {
-    if (mr == 1) return strip<1, NR, Row, PREFETCH>(job, m0, w, ldw, n0, n1);
-    if (mr == 2) return strip<2, NR, Row, PREFETCH>(job, m0, w, ldw, n0, n1);
+    if (mr == 1) return strip<1, Row, PREFETCH>(job, m0, w, ldw, n0, n1);
+    if (mr == 2) return strip<2, Row, PREFETCH>(job, m0, w, ldw, n0, n1);
     if constexpr (MR_MAX >= 4) {
-        if (mr == 3) return strip<3, NR, Row, PREFETCH>(job, m0, w, ldw, n0, n1);
+        if (mr == 3) return strip<3, Row, PREFETCH>(job, m0, w, ldw, n0, n1);
     }
-    strip<MR_MAX, NR, Row, PREFETCH>(job, m0, w, ldw, n0, n1);
+    strip<MR_MAX, Row, PREFETCH>(job, m0, w, ldw, n0, n1);
 }
 
 void strip_i4_mr(int mr, const Job& job, int64_t m0, const LinearArgs& a, int64_t n0, int64_t n1) {
@@ -463,19 +463,15 @@ void reorder_x(const float* x, int64_t M, int64_t K, float* out) {
 // ------------------------------------------------------------------------------ driver
 // fp32 rows are long enough for the hardware prefetchers.
 constexpr bool F32_PREFETCH = false;
-// int4's decode costs more than int8's widening: past this many rows a task decodes its slice of W
-// once into an fp32 panel instead of once per x tile (int8 / fp8 widen in registers at any M: the
-// panel was slower at every M measured, 5 to 512).
-#ifndef NS_GEMM_I4_DIRECT_MAX_ROWS
-#define NS_GEMM_I4_DIRECT_MAX_ROWS 12
-#endif
-constexpr int64_t I4_DIRECT_MAX_ROWS = NS_GEMM_I4_DIRECT_MAX_ROWS;
+// int4's decode costs more than int8's widening: with more than one x tile, a task decodes its
+// slice of W once into an fp32 panel rather than once per x tile (measured on Zen 4: level at 8-16
+// rows, 1.2-1.6x faster from 24). int8 / fp8 widen in registers at any M: a panel was slower at every
+// M measured (5 to 512).
+constexpr int64_t I4_DIRECT_MAX_ROWS = MR_MAX;
+static_assert(I4_DIRECT_MAX_ROWS <= MR_MAX, "run_task gives direct int4 one x tile");
 // A task's slice of W, as the tiles read it (stored, or as the fp32 panel), stays in L2 (1 MiB a core
 // on Zen 4) while the x tiles pass over it.
 constexpr int64_t SLICE_BYTES = 256 << 10;
-// With several x tiles, a long K is taken in slices of this many inputs, so that an x tile (4 rows,
-// 8 KiB) stays in L1 beside the weights streaming by.
-constexpr int64_t K_SLICE = 512;
 // Below this many multiply-adds a call runs on one thread (the team's wake-up costs more).
 constexpr int64_t MIN_MACS_PER_THREAD = 1 << 16;
 
@@ -491,8 +487,8 @@ Plan make_plan(const LinearArgs& a) {
     Plan p{};
     p.i4_vector = a.wtype == W_I4 && a.group_size % 32 == 0;
     p.panel = a.wtype == W_I4 && (!p.i4_vector || a.M > I4_DIRECT_MAX_ROWS);
-    const int64_t macs = a.M * a.N * a.K;
-    p.threads = int(std::max<int64_t>(1, std::min<int64_t>(std::max(a.num_threads, 1), macs / MIN_MACS_PER_THREAD)));
+    const int64_t by_work = std::max<int64_t>(1, a.M * a.N * a.K / MIN_MACS_PER_THREAD);
+    p.threads = int(std::min<int64_t>(std::max(a.num_threads, 1), by_work));
     // Contiguous slices of W's rows, at least four per thread (even shares) and few enough bytes to
     // stay in L2.
     const int64_t row_bytes = p.panel || a.wtype == W_F32 ? 4 * a.K : a.wtype == W_I4 ? a.K / 2 : a.K;
@@ -510,23 +506,15 @@ float* panel_buffer(int64_t floats) {
     return buf.data();
 }
 
-// A task's tiles, for weight rows [n0, n1) (w: row n0, K apart): x tile after x tile (each stays in L1)
-// against all the task's weight tiles (they stay in L2; the first x tile brings them from memory,
-// fetching ahead), with K in slices when it is long and there are several x tiles.
+// A task's tiles, for weight rows [n0, n1) (w: row n0, K apart): x tile after x tile (each stays in
+// L1) against all the task's weight tiles (they stay in L2; the first x tile brings them from
+// memory, fetching ahead). (Slicing K, for K = 1536, measured no faster.)
 template <class Row, bool PREFETCH>
 void run_tiles(const Job& job, const typename Row::T* w, int64_t n0, int64_t n1) {
-    const bool sliced = job.M > MR_MAX && job.K > K_SLICE * 3 / 2;
-    const int64_t kslice = sliced ? K_SLICE : job.K;
-    for (int64_t k0 = 0; k0 < job.K; k0 += kslice) {
-        Job part = job;
-        part.x += k0, part.K = std::min(kslice, job.K - k0);
-        part.accumulate = k0 > 0;  // (and the bias goes with the first slice)
-        if (k0 > 0) part.bias = nullptr;
-        for (int64_t m0 = 0; m0 < job.M; m0 += MR_MAX) {
-            const int mr = int(std::min<int64_t>(MR_MAX, job.M - m0));
-            if (PREFETCH && m0 == 0 && !sliced) strip_mr<Row, true>(mr, part, m0, w + k0, job.K, n0, n1);
-            else strip_mr<Row, false>(mr, part, m0, w + k0, job.K, n0, n1);
-        }
+    for (int64_t m0 = 0; m0 < job.M; m0 += MR_MAX) {
+        const int mr = int(std::min<int64_t>(MR_MAX, job.M - m0));
+        if (PREFETCH && m0 == 0) strip_mr<Row, true>(mr, job, m0, w, job.K, n0, n1);
+        else strip_mr<Row, false>(mr, job, m0, w, job.K, n0, n1);
     }
 }
 
@@ -540,9 +528,8 @@ void run_task(const LinearArgs& a, const Plan& p, const Job& job, int64_t n0, in
     switch (a.wtype) {
         case W_I8: return run_tiles<I8Row, true>(job, static_cast<const int8_t*>(a.w) + n0 * a.K, n0, n1);
         case W_FP8: return run_tiles<FP8RawRow, true>(job, static_cast<const uint8_t*>(a.w) + n0 * a.K, n0, n1);
-        case W_I4:  // (x tile after x tile; int4 rows are short: no K slices)
-            for (int64_t m0 = 0; m0 < a.M; m0 += MR_MAX) strip_i4_mr(int(std::min<int64_t>(MR_MAX, a.M - m0)), job, m0, a, n0, n1);
-            return;
+        case W_I4:  // (one x tile: see I4_DIRECT_MAX_ROWS)
+            return strip_i4_mr(int(a.M), job, 0, a, n0, n1);
         default: return run_tiles<F32Row, F32_PREFETCH>(job, static_cast<const float*>(a.w) + n0 * a.K, n0, n1);
     }
 }
@@ -552,7 +539,7 @@ void run_task(const LinearArgs& a, const Plan& p, const Job& job, int64_t n0, in
 void linear(const LinearArgs& a) {
     if (a.M == 0) return;
     const Plan p = make_plan(a);
-    Job job{a.x, a.K, a.y, a.N, a.M, a.K, nullptr, 1.f, a.bias, false};
+    Job job{a.x, a.K, a.y, a.N, a.M, a.K, nullptr, 1.f, a.bias};
     std::vector<float> xcopy;  // x as the tiles want it, where that is not as given
     if (p.i4_vector) {
         xcopy.resize(size_t(a.M * a.K));

@@ -2,14 +2,18 @@
 // y[m, n] = scale[n] * sum_blk xscale[m, blk] * sum_{k in blk} q[m, k] * w[n, k] (+ bias[n]),
 // q = round(x / xscale) per block of 32 inputs, xscale = max |x| / 127 (q8_activations in
 // neuronserve/ops/linear.py). vpdpbusd multiplies unsigned by signed bytes, so x is stored as
-// u = q + 128 and the offset's share, 128 * sum_blk xscale * wsum[n, blk], is taken off at the end.
+// u = q + 128 and the offset's share, 128 * sum_blk xscale * wsum[n, blk], is taken off at the end,
+// in fp32, 16 blocks per multiply-add (rather than an integer correction per block and weight row;
+// the offset term is of the order of the sum itself, so this costs a couple of ulps at most).
 //
 // Layout: a zmm of 64 bytes spans two blocks; after vpdpbusd its dword lanes 0..7 hold four-product
 // sums of the first block and lanes 8..15 of the second, so one int32 -> fp32 conversion and one
 // multiply-add with the two blocks' scales (lanes 0..7 / 8..15) fold them into a float accumulator.
-// The tile is the dot tile of gemm.cpp: MR x rows against NR weight rows, one accumulator per pair,
-// reduced four at a time; W is read in place ([N, K] int8 rows). Threads take contiguous slices of
-// W's rows after quantizing x's rows together.
+// (Different blocks' integer sums cannot share lanes, their scales differ: these three instructions
+// per 64 multiply-adds are the floor, against four fp32 FMAs.) The tile and the loops are gemm.cpp's:
+// MR x rows against NR weight rows, one accumulator per pair, reduced four at a time; W read in
+// place ([N, K] int8 rows); threads take contiguous slices of W's rows that stay in L2, after
+// quantizing x's rows together; the first x tile fetches the next weight tile ahead.
 #include <algorithm>
 #include <vector>
 
@@ -30,6 +34,8 @@ constexpr int64_t QBLOCK = 32;  // inputs per activation scale
 constexpr int64_t CHUNK = 64;   // inputs per zmm (two blocks)
 constexpr int MR_MAX = 4;       // 16 float accumulators + 4 weight vectors + x + temporaries
 constexpr int NR = 4;           // (also for one x row: 8 rows, more streams, measured slower)
+// A task's slice of W stays in L2 (1 MiB a core on Zen 4) while the x tiles pass over it.
+constexpr int64_t SLICE_BYTES = 256 << 10;
 // Below this many multiply-adds a call runs on one thread (the team's wake-up costs more).
 constexpr int64_t MIN_MACS_PER_THREAD = 1 << 16;
 
@@ -73,45 +79,50 @@ void quantize_row(const float* x, int64_t m, QuantX& q) {
     if (q.blocks % 2) std::fill_n(cs + q.blocks * 8, 8, 0.f);  // the last chunk's missing block
 }
 
-// Tile: MR quantized x rows against NRt int8 weight rows (only the first nr real; the others repeat
-// the last one and are dropped), sums into out (unscaled by the weights' scales).
-template <int MR, int NRt>
-void vnni_tile(const QuantX& q, int64_t m0, const int8_t* w, const int32_t* wsum, int nr, float (*out)[NRt]) {
+// Tile: MR quantized x rows against NR int8 weight rows (only the first nr real; the others repeat
+// the last one and are dropped), sums into out (unscaled by the weights' scales). PREFETCH: fetch
+// the next tile's weights (the NR rows after these, contiguous) as this tile reads as many bytes:
+// rows of a few cache lines are too short for the hardware prefetchers to get ahead of.
+template <int MR, bool PREFETCH>
+void vnni_tile(const QuantX& q, int64_t m0, const int8_t* w, const int32_t* wsum, int nr, float (*out)[NR]) {
     const int64_t K = q.K;
-    const int8_t* wr[NRt];
-    const int32_t* sr[NRt];
-    for (int j = 0; j < NRt; ++j) {
+    const int8_t* wr[NR];
+    const int32_t* sr[NR];
+    for (int j = 0; j < NR; ++j) {
         const int64_t r = std::min(j, nr - 1);
         wr[j] = w + r * K, sr[j] = wsum + r * q.blocks;
     }
     const uint8_t* xr[MR];
     const float* cs[MR];
-    for (int i = 0; i < MR; ++i) xr[i] = q.u.data() + (m0 + i) * K, cs[i] = q.chunk_scale.data() + (m0 + i) * q.chunks * 16;
+    for (int i = 0; i < MR; ++i) {
+        xr[i] = q.u.data() + (m0 + i) * K;
+        cs[i] = q.chunk_scale.data() + (m0 + i) * q.chunks * 16;
+    }
 
-    __m512 acc[MR][NRt];
+    __m512 acc[MR][NR];
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
-        for (int j = 0; j < NRt; ++j) acc[i][j] = _mm512_setzero_ps();
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
 
-    // The next tile's weights (NRt rows, contiguous) are fetched as this tile reads as many bytes:
-    // rows of a few cache lines are too short for the hardware prefetchers to get ahead of.
-    const char* next = reinterpret_cast<const char*>(w + NRt * K);
+    const char* next = reinterpret_cast<const char*>(w + NR * K);
 
     // One chunk: mask selects its bytes (all 64, or the first 32 for a last lone block).
     auto chunk = [&](int64_t c, __mmask64 mask) __attribute__((always_inline)) {
+        if constexpr (PREFETCH) {
 #pragma GCC unroll 8
-        for (int j = 0; j < NRt; ++j) __builtin_prefetch(next + j * CHUNK, 0, 3);
-        next += NRt * CHUNK;
-        __m512i wv[NRt];
+            for (int j = 0; j < NR; ++j) __builtin_prefetch(next + j * CHUNK, 0, 3);
+            next += NR * CHUNK;
+        }
+        __m512i wv[NR];
 #pragma GCC unroll 8
-        for (int j = 0; j < NRt; ++j) wv[j] = _mm512_maskz_loadu_epi8(mask, wr[j] + c * CHUNK);
+        for (int j = 0; j < NR; ++j) wv[j] = _mm512_maskz_loadu_epi8(mask, wr[j] + c * CHUNK);
 #pragma GCC unroll 8
         for (int i = 0; i < MR; ++i) {
             const __m512i xv = _mm512_maskz_loadu_epi8(mask, xr[i] + c * CHUNK);
             const __m512 s = _mm512_loadu_ps(cs[i] + c * 16);
 #pragma GCC unroll 8
-            for (int j = 0; j < NRt; ++j) {
+            for (int j = 0; j < NR; ++j) {
                 const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xv, wv[j]);
                 acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[i][j]);
             }
@@ -125,53 +136,53 @@ void vnni_tile(const QuantX& q, int64_t m0, const int8_t* w, const int32_t* wsum
     // do: the accumulators are summed over all lanes next).
     for (int64_t b = 0; b < q.blocks; b += 16) {
         const __mmask16 mask = q.blocks - b >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (q.blocks - b)) - 1);
-        __m512 ws[NRt];
+        __m512 ws[NR];
 #pragma GCC unroll 8
-        for (int j = 0; j < NRt; ++j) ws[j] = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, sr[j] + b));
+        for (int j = 0; j < NR; ++j) ws[j] = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, sr[j] + b));
 #pragma GCC unroll 8
         for (int i = 0; i < MR; ++i) {
             const __m512 neg = _mm512_maskz_loadu_ps(mask, q.neg_offset.data() + (m0 + i) * q.blocks + b);
 #pragma GCC unroll 8
-            for (int j = 0; j < NRt; ++j) acc[i][j] = _mm512_fmadd_ps(neg, ws[j], acc[i][j]);
+            for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(neg, ws[j], acc[i][j]);
         }
     }
 
     // Four accumulators at a time: interleave-and-add twice, then add the four 128-bit lanes.
+    static_assert(NR == 4, "a tile's row of accumulators is reduced at once");
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-        for (int j = 0; j < NRt; j += 4) {
-            const __m512 a = acc[i][j], b = acc[i][j + 1], c = acc[i][j + 2], d = acc[i][j + 3];
-            const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-            const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-            const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
-            const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
-                                              _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
-            const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
-            _mm_storeu_ps(&out[i][j], _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1)));
-        }
+    for (int i = 0; i < MR; ++i) {
+        const __m512 a = acc[i][0], b = acc[i][1], c = acc[i][2], d = acc[i][3];
+        const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+        const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+        const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                                          _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
+        const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+        _mm_storeu_ps(out[i], _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1)));
+    }
 }
 
 // x rows [m0, m0 + MR) against weight rows [n0, n1).
-template <int MR, int NRt>
+template <int MR, bool PREFETCH>
 void strip(const LinearVnniArgs& v, const QuantX& q, int64_t m0, int64_t n0, int64_t n1) {
     const LinearArgs& a = v.base;
-    float out[MR][NRt];
-    for (int64_t n = n0; n < n1; n += NRt) {
-        const int nr = int(std::min<int64_t>(NRt, n1 - n));
-        vnni_tile<MR, NRt>(q, m0, static_cast<const int8_t*>(a.w) + n * a.K, v.wsum + n * q.blocks, nr, out);
+    float out[MR][NR];
+    for (int64_t n = n0; n < n1; n += NR) {
+        const int nr = int(std::min<int64_t>(NR, n1 - n));
+        vnni_tile<MR, PREFETCH>(q, m0, static_cast<const int8_t*>(a.w) + n * a.K, v.wsum + n * q.blocks, nr, out);
         for (int i = 0; i < MR; ++i)
             for (int j = 0; j < nr; ++j)
                 a.y[(m0 + i) * a.N + n + j] = out[i][j] * a.scale[n + j] + (a.bias ? a.bias[n + j] : 0.f);
     }
 }
 
+template <bool PREFETCH>
 void strip_mr(int mr, const LinearVnniArgs& v, const QuantX& q, int64_t m0, int64_t n0, int64_t n1) {
     switch (mr) {
-        case 1: return strip<1, NR>(v, q, m0, n0, n1);
-        case 2: return strip<2, NR>(v, q, m0, n0, n1);
-        case 3: return strip<3, NR>(v, q, m0, n0, n1);
-        default: return strip<MR_MAX, NR>(v, q, m0, n0, n1);
+        case 1: return strip<1, PREFETCH>(v, q, m0, n0, n1);
+        case 2: return strip<2, PREFETCH>(v, q, m0, n0, n1);
+        case 3: return strip<3, PREFETCH>(v, q, m0, n0, n1);
+        default: return strip<MR_MAX, PREFETCH>(v, q, m0, n0, n1);
     }
 }
 
@@ -186,11 +197,10 @@ void linear_int8(const LinearVnniArgs& v) {
     q.chunk_scale.resize(size_t(a.M * q.chunks * 16));
     q.neg_offset.resize(size_t(a.M * q.blocks));
 
-    const int64_t macs = a.M * a.N * a.K;
-    const int threads = int(std::max<int64_t>(1, std::min<int64_t>(std::max(a.num_threads, 1), macs / MIN_MACS_PER_THREAD)));
-    // Contiguous slices of W's rows, a few per thread (even shares; a slice stays in L2 while the
-    // x tiles pass over it).
-    const int64_t want = int64_t(threads) * 4;
+    const int64_t by_work = std::max<int64_t>(1, a.M * a.N * a.K / MIN_MACS_PER_THREAD);
+    const int threads = int(std::min<int64_t>(std::max(a.num_threads, 1), by_work));
+    // Contiguous slices of W's rows, at least four per thread (even shares), each within SLICE_BYTES.
+    const int64_t want = threads * std::max<int64_t>(4, a.N * a.K / (threads * SLICE_BYTES) + 1);
     const int64_t task_rows = std::max<int64_t>(NR, ((a.N + want - 1) / want + NR - 1) / NR * NR);
     const int64_t tasks = (a.N + task_rows - 1) / task_rows;
 
@@ -202,8 +212,9 @@ void linear_int8(const LinearVnniArgs& v) {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; ++t) {
             const int64_t n0 = t * task_rows, n1 = std::min(a.N, n0 + task_rows);
-            for (int64_t m0 = 0; m0 < a.M; m0 += MR_MAX)
-                strip_mr(int(std::min<int64_t>(MR_MAX, a.M - m0)), v, q, m0, n0, n1);
+            strip_mr<true>(int(std::min<int64_t>(MR_MAX, a.M)), v, q, 0, n0, n1);  // (weights from memory)
+            for (int64_t m0 = MR_MAX; m0 < a.M; m0 += MR_MAX)                     // (weights from L2)
+                strip_mr<false>(int(std::min<int64_t>(MR_MAX, a.M - m0)), v, q, m0, n0, n1);
         }
     }
 }

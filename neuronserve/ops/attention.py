@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from neuronserve.ops import _lib
-from neuronserve.ops.dispatch import native_isa
+from neuronserve.ops.dispatch import call_directly, native_isa
 
 _KV_DTYPES = {torch.float32: 0, torch.int8: 1, torch.float8_e4m3fn: 2}
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
@@ -178,7 +178,10 @@ def _paged_attention_fake(q, kv_cache, block_tables, query_start_loc, context_le
 def write_kv(k, v, kv_cache, slot_mapping, kv_scale) -> None:
     """Write ``k``/``v [T, kv_heads, head_dim]`` (fp32) into ``kv_cache``'s ``slot_mapping [T]``
     slots, quantized with ``kv_scale`` for an int8 / fp8 cache."""
-    torch.ops.neuronserve.write_kv(k, v, kv_cache, slot_mapping, kv_scale)
+    if call_directly(k):
+        _write_kv_cpu(k, v, kv_cache, slot_mapping, kv_scale)
+    else:
+        torch.ops.neuronserve.write_kv(k, v, kv_cache, slot_mapping, kv_scale)
 
 
 def paged_attention(
@@ -186,6 +189,8 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of ``q [T, heads, head_dim]`` (fp32) over each sequence's cached context, read in
     place through ``block_tables [B, max_blocks]``; returns ``[T, heads, head_dim]``."""
+    if call_directly(q):
+        return _paged_attention_cpu(q, kv_cache, block_tables, query_start_loc, context_lens, kv_scale, scale)
     return torch.ops.neuronserve.paged_attention(
         q, kv_cache, block_tables, query_start_loc, context_lens, kv_scale, scale
     )

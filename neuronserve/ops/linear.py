@@ -16,15 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuronserve.ops import _lib
-from neuronserve.ops.dispatch import native_isa
+from neuronserve.ops.dispatch import call_directly, native_isa
 
 W_F32, W_I8, W_FP8, W_I4 = 0, 1, 2, 3
 WEIGHT_DTYPES = {W_F32: torch.float32, W_I8: torch.int8, W_FP8: torch.float8_e4m3fn, W_I4: torch.uint8}
 Q8_BLOCK = 32
 
-# Measured by benchmarks/kernels.py on the 2-core AVX-512 machine (see the README).
+# Measured on the 2-core Zen 4 machine on SmolLM2-135M's shapes (benchmarks/kernels.py): int8
+# activations (VNNI) overtake the exact int8 kernel at 4 rows (a tie on the small layers, 1.2x on the
+# LM head; 1.2-1.8x at 8 rows); the native fp32 kernel beats F.linear (MKL) up to 256 rows
+# (1.1-1.4x at 128-256; 0.8-1.25x at 512).
 VNNI_MIN_ROWS = 4
-NATIVE_F32_MAX_ROWS = 64
+NATIVE_F32_MAX_ROWS = 256
 
 _lib_def = torch.library.Library("neuronserve", "FRAGMENT")
 _lib_def.define(
@@ -68,6 +71,8 @@ def weight_block_sums(weight: torch.Tensor) -> torch.Tensor:
 def _check_linear(x, weight, wtype, scale, minimum, group_size, bias, wsum) -> tuple[int, int, int]:
     if wtype not in WEIGHT_DTYPES:
         raise ValueError(f"wtype: {wtype} is not one of {sorted(WEIGHT_DTYPES)}")
+    if wtype == W_I4 and (group_size <= 0 or group_size % 2):
+        raise ValueError(f"group_size: {group_size} is not a positive even number (int4 weights)")
     if weight.dtype != WEIGHT_DTYPES[wtype] or weight.dim() != 2 or not weight.is_contiguous():
         raise ValueError(f"weight: expected a contiguous 2-d {WEIGHT_DTYPES[wtype]} tensor")
     if x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous():
@@ -151,6 +156,11 @@ class NativeLinear(nn.Module):
             raise TypeError(f"layer: cannot run {type(layer).__name__} on the native kernels")
         self.bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
         self.in_features, self.out_features = layer.in_features, layer.out_features
+        # The weights are checked once here; a step's calls then check only the activations.
+        _check_linear(
+            torch.empty(1, self.in_features), self.weight, self.wtype, self.scale, self.minimum,
+            self.group_size, self.bias, self.wsum,
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -158,11 +168,27 @@ class NativeLinear(nn.Module):
         if self.wtype == W_F32 and rows > NATIVE_F32_MAX_ROWS:
             y = F.linear(flat, self.weight, self.bias)
         else:
+            flat = flat.contiguous()
             wsum = self.wsum if rows >= VNNI_MIN_ROWS else None
-            y = linear(flat.contiguous(), self.weight, self.wtype, self.scale, self.minimum, self.group_size,
-                       self.bias, wsum)  # fmt: skip
+            if _lib.LIB is not None and flat.dtype == torch.float32 and call_directly(flat):
+                y = self._direct(flat, rows, wsum)
+            else:
+                y = linear(flat, self.weight, self.wtype, self.scale, self.minimum, self.group_size,
+                           self.bias, wsum)  # fmt: skip
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.collective is None else self.collective(y)
+
+    def _direct(self, flat: torch.Tensor, rows: int, wsum: torch.Tensor | None) -> torch.Tensor:
+        """The C call of ``neuronserve::linear`` for this layer's weights (checked at construction)."""
+        y = torch.empty(rows, self.out_features)
+        status = _lib.LIB.ns_linear(
+            flat.data_ptr(), y.data_ptr(), rows, self.in_features, self.out_features,
+            self.weight.data_ptr(), self.wtype, _ptr(self.scale), _ptr(self.minimum), self.group_size,
+            _ptr(self.bias), _ptr(wsum), native_isa(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            _lib.check(status)
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, wtype={self.wtype}"

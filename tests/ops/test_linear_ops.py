@@ -237,3 +237,17 @@ def test_vnni_path_refused_without_vnni():
     w = torch.zeros(7, 64, dtype=torch.int8)
     with pytest.raises(ValueError, match="^wsum:"):
         linear(torch.randn(2, 64), w, W_I8, torch.ones(7), None, 0, None, weight_block_sums(w))
+
+
+def test_group_size_zero_is_refused_naming_it():
+    with pytest.raises(ValueError, match="^group_size:"):
+        linear(torch.randn(2, 40), torch.zeros(7, 20, dtype=torch.uint8), W_I4, torch.ones(7, 1),
+               torch.zeros(7, 1), 0)  # fmt: skip
+
+
+def test_native_linear_checks_its_activations_on_the_direct_path():
+    native = NativeLinear(layers(64, 32)["int8"])
+    with pytest.raises(ValueError, match="^x:"):
+        native(torch.randn(3, 64, dtype=torch.float64))
+    x = torch.randn(2, 5, 64)[:, ::2]  # non-contiguous: copied, not refused
+    torch.testing.assert_close(native(x), native(x.contiguous()))
