@@ -22,12 +22,15 @@ from neuronserve.backends.base import (
 )
 from neuronserve.backends.cpu_layout import use_transposed_linears
 from neuronserve.backends.inputs import (
+    DecodeInputs,
     SeqChunk,
+    StepInputs,
     build_step_inputs,
     check_token_ids,
     eager_attention_plan,
 )
 from neuronserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from neuronserve.core import SchedulerOutput
 from neuronserve.model.llama import EagerAttentionPlan
 from neuronserve.ops import KERNEL_CHOICES, native_available, use_native_linears
 
@@ -44,8 +47,8 @@ class CPUModelRunner(ChunkModelRunner):
     ) -> None:
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels: {kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
-        self.native = kernels == "native" and native_available()
-        self.kernels = "native" if self.native else "torch"
+        # What runs: "native" only where the library loaded (native_available warns once otherwise).
+        self.kernels = "native" if kernels == "native" and native_available() else "torch"
         self.model = use_native_linears(model.eval()) if self.native else use_transposed_linears(model.eval())
         self.model_config = model_config
         self.cache_config = cache_config
@@ -54,6 +57,7 @@ class CPUModelRunner(ChunkModelRunner):
         shape = model.kv_cache_shape(cache_config.num_blocks, cache_config.block_size)
         self.kv_cache = torch.zeros(shape, dtype=dtype)
         self._gather_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._decode_inputs = DecodeInputs(cache_config.block_size)
 
     def _workspace(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Reused buffers the decode attention gathers K and V blocks into (see EagerAttentionPlan)."""
@@ -63,22 +67,38 @@ class CPUModelRunner(ChunkModelRunner):
         return self._gather_buffers
 
     @property
+    def native(self) -> bool:
+        return self.kernels == "native"
+
+    @property
     def kv_cache_bytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
-    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        """A decode-only step runs on persistent inputs (``DecodeInputs``); others from chunks."""
+        inputs = self._decode_inputs.build(out)
+        if inputs is None:
+            return super().execute(out)
+        plan = None if self.native else EagerAttentionPlan(num_decode_tokens=inputs.num_seqs)
+        return self._run(inputs, plan)
+
     def run_chunks(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """The step of ``chunks`` (what ``execute`` runs; tensor-parallel workers call it directly)."""
+        """The step of ``chunks`` (tensor-parallel workers call it directly)."""
         if not chunks:
             return torch.empty(0, self.model_config.vocab_size)
         check_token_ids(chunks, self.model_config.vocab_size)
         inputs = build_step_inputs(chunks, self.cache_config.block_size)
-        if self.native:
+        plan = None if self.native else eager_attention_plan(chunks, self.cache_config.block_size)
+        return self._run(inputs, plan)
+
+    @torch.inference_mode()
+    def _run(self, inputs: StepInputs, plan: EagerAttentionPlan | None) -> torch.Tensor:
+        """``plan``: the torch path's split of attention; the native kernels need none."""
+        if plan is None:
             plan = EagerAttentionPlan(
                 paged=(inputs.block_tables, inputs.query_start_loc, inputs.context_lens)
             )
         else:
-            plan = eager_attention_plan(chunks, self.cache_config.block_size)
             plan.workspace = self._workspace(plan.num_decode_tokens * inputs.block_tables.shape[1])
         logits, _ = self.model(*inputs.as_args(), self.kv_cache, plan=plan)
         return logits[: inputs.num_seqs]

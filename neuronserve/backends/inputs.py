@@ -111,6 +111,72 @@ def build_step_inputs(
     )
 
 
+class DecodeInputs:
+    """Step tensors of decode-only steps, kept from step to step.
+
+    While the scheduler's decode batch keeps its rows (``SchedulerOutput.batch_version``), a step
+    moves every position by one and changes the block table only of the rows that enter a new
+    block, so the tensors are updated in place instead of being rebuilt from Python lists. Any other
+    step (prefill chunks, rows joining or leaving, a skipped step) returns ``None`` and the next
+    decode-only step starts afresh.
+    """
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self._version: int | None = None
+        self._clock = 0
+        self._offsets = self._tables = self._arange = torch.empty(0, dtype=torch.int64)
+
+    def build(self, out: SchedulerOutput) -> StepInputs | None:
+        num_seqs = out.num_decodes
+        if num_seqs == 0 or num_seqs != len(out.requests):
+            self._version = None
+            return None
+        bs, rows = self.block_size, out.requests
+        positions = self._offsets + out.clock if out.batch_version == self._version else None
+        if positions is None or out.clock != self._clock + 1:
+            self._start(out)
+            positions = self._offsets + out.clock
+        else:
+            entering = torch.nonzero(positions % bs == 0).flatten().tolist()
+            if entering:
+                needed = int(positions.max()) // bs + 1
+                if needed > self._tables.shape[1]:  # a row outgrew the table's width
+                    grown = self._tables.new_zeros(num_seqs, max(needed, 2 * self._tables.shape[1]))
+                    grown[:, : self._tables.shape[1]] = self._tables
+                    self._tables = grown
+                for i in entering:
+                    table = rows[i].block_ids
+                    self._tables[i, len(table) - 1] = table[-1]
+        self._clock = out.clock
+        block_of = positions // bs
+        input_ids = torch.tensor([r.output_token_ids[-1] for r in rows], dtype=torch.int64)
+        width = int(block_of.max()) + 1
+        tables = self._tables[:, :width].contiguous()
+        slots = tables.gather(1, block_of[:, None]).squeeze(1) * bs + positions % bs
+        return StepInputs(
+            input_ids=input_ids,
+            positions=positions,
+            slot_mapping=slots,
+            block_tables=tables,
+            context_lens=positions + 1,
+            query_start_loc=self._arange,
+            logits_indices=self._arange[:num_seqs],
+            num_tokens=num_seqs,
+            num_seqs=num_seqs,
+        )
+
+    def _start(self, out: SchedulerOutput) -> None:
+        tables = [r.block_ids for r in out.requests]
+        width = max(len(t) for t in tables) + 4
+        self._tables = torch.tensor(
+            [t + [PAD_BLOCK_ID] * (width - len(t)) for t in tables], dtype=torch.int64
+        )
+        self._offsets = torch.tensor(out.decode_offsets, dtype=torch.int64)
+        self._arange = torch.arange(len(tables) + 1, dtype=torch.int64)
+        self._version = out.batch_version
+
+
 def check_token_ids(chunks: Sequence[SeqChunk], vocab_size: int) -> None:
     """Refuse ids the embedding table does not have, before they reach the model (or, with
     tensor parallelism, before any rank starts the step)."""

@@ -123,6 +123,18 @@ class BlockManager:
         self.block_tables[request.request_id] = blocks
         return True
 
+    def append_block(self, request: Request) -> bool:
+        """One more block at the end of a running request's table: ``allocate`` for a decode
+        token entering a new block, without its arithmetic. ``False`` when no block is free."""
+        if not self.free_blocks:
+            return False
+        block_id, _ = self.free_blocks.popitem(last=False)
+        if self.block_hash[block_id] is not None:
+            self._evict(block_id)
+        self.ref_counts[block_id] = 1
+        request.block_ids.append(block_id)  # the same list as block_tables[request.request_id]
+        return True
+
     def free(self, request: Request) -> None:
         """Release a request's blocks, tail first, so shared heads are evicted last."""
         blocks = self.block_tables.pop(request.request_id, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
+from typing import Protocol
 
 
 class RequestStatus(enum.Enum):
@@ -17,6 +18,10 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens or max_model_len reached
     STOP = "stop"  # eos, a stop token id, or (decided by the engine) a stop string
     ABORT = "abort"
+
+
+class _Clock(Protocol):
+    clock: int
 
 
 class Request:
@@ -40,10 +45,10 @@ class Request:
         "ignore_eos",
         "cache_salt",
         "output_token_ids",
-        "num_tokens",
         "max_num_tokens",
         "stop_set",
-        "num_computed_tokens",
+        "_computed",
+        "_batch",
         "num_cached_tokens",
         "status",
         "finish_reason",
@@ -73,14 +78,15 @@ class Request:
         self.ignore_eos = ignore_eos
         self.cache_salt = cache_salt
         self.output_token_ids: list[int] = []
-        # Kept in step with the token lists by the scheduler (read on every step, so not derived).
-        self.num_tokens = len(self.prompt_token_ids)  # prompt + output so far
         self.max_num_tokens = 0  # prompt + max_tokens, set once the scheduler validated them
         # Sampling any of these ends the request with reason STOP.
         self.stop_set = self.stop_token_ids | (
             {eos_token_id} if eos_token_id is not None and not ignore_eos else set()
         )
-        self.num_computed_tokens = 0
+        # While the request is a row of the scheduler's decode batch (``_batch``), ``_computed`` is
+        # an offset from the batch's clock, so one clock tick advances every decoding row at once.
+        self._batch: _Clock | None = None
+        self._computed = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at last admission
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
@@ -88,6 +94,22 @@ class Request:
         self.block_ids: list[int] = []  # the block table, owned by the BlockManager
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks known so far
         self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt + output tokens so far."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_computed_tokens(self) -> int:
+        """Tokens whose KV is in the cache."""
+        batch = self._batch
+        return self._computed if batch is None else self._computed + batch.clock
+
+    @num_computed_tokens.setter
+    def num_computed_tokens(self, value: int) -> None:
+        batch = self._batch
+        self._computed = value if batch is None else value - batch.clock
 
     @property
     def num_prompt_tokens(self) -> int:

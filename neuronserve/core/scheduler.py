@@ -4,13 +4,19 @@ Each step spends a token budget: running decodes first (one token each), then pr
 running and waiting requests fill what is left, so prefill and decode share one step. When blocks
 run out, the lowest-priority, latest-arrived running request is preempted by recompute: its blocks
 are freed and it waits again, ahead of everything that arrived after it.
+
+Decoding requests are rows of a persistent ``DecodeBatch``: each step every row advances by one
+token, so a step without arrivals, prefills or finishes only touches the rows that enter a new
+KV block; the rest of its cost is a few list operations done in C.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from neuronserve.config import CacheConfig, SchedulerConfig
 from neuronserve.core.block_manager import BlockManager
@@ -28,17 +34,28 @@ def _queue_key(request: Request) -> tuple[int, int]:
 
 @dataclass
 class SchedulerOutput:
-    """One step's decisions, in batch order. ``num_computed_tokens[i]`` is the position of request
-    ``i``'s first new token; its block table is ``requests[i].block_ids`` until ``update``."""
+    """One step's decisions, in batch order: first the decode batch's rows (``num_decodes``, one
+    token each), then prefill chunks. ``num_computed_tokens[i]`` is the position of request ``i``'s
+    first new token; its block table is ``requests[i].block_ids`` until ``update``. The lists are
+    shared with the scheduler's persistent batch: read them, never change them."""
 
     requests: list[Request]
     num_new_tokens: list[int]
-    num_computed_tokens: list[int]
     bucket: int  # padded T: the smallest token bucket >= num_scheduled_tokens (0 for an empty step)
     block_size: int
     preempted_ids: list[str] = field(default_factory=list)
+    num_decodes: int = 0
+    decode_offsets: Sequence[int] = ()  # the decode rows' positions minus ``clock``
+    clock: int = 0  # the decode batch's clock when this step was scheduled
+    prefill_computed: list[int] = field(default_factory=list)  # positions of the prefill chunks
+    batch_version: int = 0  # the decode batch's membership version when this step was scheduled
 
-    @property
+    @cached_property
+    def num_computed_tokens(self) -> list[int]:
+        clock = self.clock
+        return [o + clock for o in self.decode_offsets] + self.prefill_computed
+
+    @cached_property
     def num_scheduled_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
@@ -80,6 +97,75 @@ class SchedulerStats:
     num_steps: int
 
 
+class DecodeBatch:
+    """The running requests that are decoding, as rows that persist from step to step.
+
+    Every row computes one token a step, so a row's position is a fixed offset plus the batch's
+    ``clock``, which ``Scheduler.update`` ticks once a step. Rows are grouped by their offset modulo
+    the block size (the rows entering a new block at a given clock are one group) and by the clock
+    at which they reach ``max_num_tokens``. The row lists are replaced, never changed in place, when
+    rows join or leave, so an earlier ``SchedulerOutput`` keeps seeing its own step's rows.
+    """
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.clock = 0
+        self.version = 0  # bumped whenever rows join or leave
+        self.rows: list[Request] = []
+        self.outputs: list[list[int]] = []  # the rows' output_token_ids lists, in row order
+        self.offsets: list[int] = []  # the rows' positions minus the clock
+        self.by_phase: list[dict[Request, None]] = [{} for _ in range(block_size)]
+        self.finish_at: dict[int, list[Request]] = {}  # clock -> rows reaching max_num_tokens then
+        # stop token id -> rows that stop on it; None is always there, so a missing token takes
+        # the same slow path as a stop token (one set lookup a row finds both).
+        self.stop_counts: dict[int | None, int] = {None: 1}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def due(self) -> list[Request]:
+        """The rows whose next token starts a new block (position a multiple of the block size)."""
+        return list(self.by_phase[-self.clock % self.block_size])
+
+    def join(self, requests: Sequence[Request]) -> None:
+        """Add requests whose prompt is computed and whose next step decodes one token."""
+        clock, bs = self.clock, self.block_size
+        offsets = []
+        for request in requests:
+            offset = request._computed - clock  # the request is not a row yet: _computed is absolute
+            request._batch, request._computed = self, offset
+            offsets.append(offset)
+            self.by_phase[offset % bs][request] = None
+            self.finish_at.setdefault(request.max_num_tokens - 1 - offset, []).append(request)
+            for token in request.stop_set:
+                self.stop_counts[token] = self.stop_counts.get(token, 0) + 1
+        self.rows = self.rows + list(requests)
+        self.outputs = self.outputs + [r.output_token_ids for r in requests]
+        self.offsets = self.offsets + offsets
+        self.version += 1
+
+    def leave(self, requests: Iterable[Request]) -> None:
+        """Remove rows (finished, aborted or preempted); their positions become absolute again."""
+        clock, bs, stops = self.clock, self.block_size, self.stop_counts
+        for request in requests:
+            if request._batch is not self:
+                continue
+            offset = request._computed
+            del self.by_phase[offset % bs][request]
+            request._batch, request._computed = None, offset + clock
+            for token in request.stop_set:
+                if stops[token] == 1:
+                    del stops[token]
+                else:
+                    stops[token] -= 1
+        # finish_at keeps stale entries; update() checks each entry before it finishes a request.
+        keep = [i for i, r in enumerate(self.rows) if r._batch is self]
+        self.rows = [self.rows[i] for i in keep]
+        self.outputs = [self.outputs[i] for i in keep]
+        self.offsets = [self.offsets[i] for i in keep]
+        self.version += 1
+
+
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
         usable_tokens = cache_config.num_usable_blocks * cache_config.block_size
@@ -98,6 +184,7 @@ class Scheduler:
         self.token_budget = scheduler_config.max_num_batched_tokens
         self.waiting: list[Request] = []  # sorted by (priority, arrival)
         self.running: list[Request] = []  # in admission order
+        self.batch = DecodeBatch(cache_config.block_size)  # the running requests that decode
         self.requests: dict[str, Request] = {}  # every unfinished request by id
         self._next_arrival = 0
         self.num_preemptions = 0
@@ -145,13 +232,15 @@ class Scheduler:
             return None
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
+            self.batch.leave((request,))
         else:
             self.waiting.remove(request)
         self._finish(request, reason)
         return request
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
-        self.block_manager.free(request)
+        """Free a request that has left the running list and the decode batch."""
+        self._release(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request.request_id]
@@ -161,39 +250,36 @@ class Scheduler:
 
     # ---------------------------------------------------------------- one step
     def schedule(self) -> SchedulerOutput:
-        budget = self.token_budget
-        bs, bm, running_status = self.block_size, self.block_manager, RequestStatus.RUNNING
-        requests: list[Request] = []  # batch order
-        num_new_tokens: list[int] = []
+        bs, bm, batch, running_status = self.block_size, self.block_manager, self.batch, RequestStatus.RUNNING
         preempted: list[Request] = []
-        prefilling: list[Request] = []
 
-        # 1. Running decodes, one token each. max_num_seqs <= budget, so they always fit.
-        for request in list(self.running):
-            if preempted and request.status is not running_status:
+        # 1. The decode batch: one token for every row; only rows entering a new block need work.
+        for request in batch.due():
+            if request._batch is not batch:
                 continue  # preempted earlier in this loop
-            computed = request.num_computed_tokens
-            if request.num_tokens - computed != 1:
-                prefilling.append(request)
-            elif computed < len(request.block_ids) * bs or self._reserve(request, 1, preempted):
-                requests.append(request)
-        num_new_tokens = [1] * len(requests)
+            if request.num_computed_tokens < len(request.block_ids) * bs or bm.append_block(request):
+                continue
+            self._reserve(request, 1, preempted)
+        budget = self.token_budget - len(batch)  # max_num_seqs <= budget, so decodes always fit
 
         # 2. Prefill chunks of running requests, then of waiting ones, while budget lasts.
-        for request in prefilling:
-            budget = self.token_budget - sum(num_new_tokens)  # victims unscheduled below still count
-            if budget == 0:
-                break
-            if request.status is running_status:
-                n = min(request.num_tokens - request.num_computed_tokens, budget)
-                if self._reserve(request, n, preempted):
-                    requests.append(request)
-                    num_new_tokens.append(n)
-        if preempted:  # a victim scheduled earlier in this step leaves the batch
-            kept = [i for i, r in enumerate(requests) if r.status is running_status]
-            requests = [requests[i] for i in kept]
-            num_new_tokens = [num_new_tokens[i] for i in kept]
-        budget = self.token_budget - sum(num_new_tokens)
+        prefills: list[Request] = []
+        chunks: list[int] = []
+        if len(self.running) > len(batch):
+            for request in [r for r in self.running if r._batch is None]:
+                if budget <= 0:
+                    break
+                if request.status is running_status:  # not preempted by an earlier one
+                    n = min(request.num_tokens - request.num_computed_tokens, budget)
+                    if self._reserve(request, n, preempted):
+                        prefills.append(request)
+                        chunks.append(n)
+                        budget -= n
+            if preempted:  # a victim scheduled earlier in this step leaves the batch
+                kept = [i for i, r in enumerate(prefills) if r.status is running_status]
+                prefills = [prefills[i] for i in kept]
+                chunks = [chunks[i] for i in kept]
+                budget = self.token_budget - len(batch) - sum(chunks)
         while self.waiting and budget > 0 and not preempted:
             if len(self.running) >= self.config.max_num_seqs:
                 break
@@ -209,20 +295,25 @@ class Scheduler:
             request.num_computed_tokens = request.num_cached_tokens = num_hit_tokens
             request.status = running_status
             self.running.append(request)
-            requests.append(request)
-            num_new_tokens.append(n)
+            prefills.append(request)
+            chunks.append(n)
             budget -= n
 
         self.num_steps += 1
-        num_tokens = self.token_budget - budget
+        num_decodes = len(batch)
+        num_tokens = num_decodes + sum(chunks)
         buckets = self.config.token_buckets
         return SchedulerOutput(
-            requests=requests,
-            num_new_tokens=num_new_tokens,
-            num_computed_tokens=[r.num_computed_tokens for r in requests],
+            requests=batch.rows + prefills if prefills else batch.rows,
+            num_new_tokens=[1] * num_decodes + chunks,
             bucket=buckets[bisect.bisect_left(buckets, num_tokens)] if num_tokens else 0,
             block_size=bs,
             preempted_ids=[r.request_id for r in preempted],
+            num_decodes=num_decodes,
+            decode_offsets=batch.offsets,
+            clock=batch.clock,
+            prefill_computed=[r.num_computed_tokens for r in prefills],
+            batch_version=batch.version,
         )
 
     def _reserve(self, request: Request, num_new_tokens: int, preempted: list[Request]) -> bool:
@@ -238,34 +329,77 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self.block_manager.free(request)
+        self.batch.leave((request,))
+        self._release(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
         bisect.insort(self.waiting, request, key=_queue_key)
 
+    def _release(self, request: Request) -> None:
+        # Blocks filled while decoding are published to the prefix cache here, once, rather than
+        # hashed on every step that fills one (a prefill's blocks are published as they fill).
+        self.block_manager.cache_full_blocks(request)
+        self.block_manager.free(request)
+
     def update(
-        self, output: SchedulerOutput, sampled_token_ids: Mapping[str, int] | Sequence[int]
+        self, output: SchedulerOutput, sampled_token_ids: Mapping[str, int] | Sequence[int | None]
     ) -> list[Request]:
         """Advance the step's requests and return those that finished.
 
         ``sampled_token_ids`` holds a token for each request that reached its last token
-        (``output.samples(i)``): a mapping by request id, or a sequence in batch order with one
-        entry per scheduled request (entries of requests still mid-prefill are ignored).
+        (``output.samples(i)``; every decode row does): a mapping by request id, or a sequence in
+        batch order with one entry per scheduled request (entries of requests still mid-prefill
+        are ignored). ``output`` must be the latest ``schedule()``'s.
         """
-        requests = output.requests
+        requests, batch = output.requests, self.batch
         if isinstance(sampled_token_ids, Mapping):
             sampled_token_ids = [sampled_token_ids.get(r.request_id) for r in requests]
         elif len(sampled_token_ids) != len(requests):
             raise ValueError(
                 f"sampled_token_ids: {len(sampled_token_ids)} tokens for {len(requests)} requests"
             )
-        finished: list[Request] = []
-        bs, bm, running_status = self.block_size, self.block_manager, RequestStatus.RUNNING
+        if output.clock != batch.clock:
+            raise ValueError("output: update() takes the output of the latest schedule(), once")
+        n_dec = output.num_decodes
+        tokens = sampled_token_ids[:n_dec] if len(sampled_token_ids) > n_dec else sampled_token_ids
+        running_status = RequestStatus.RUNNING
+        stopped: list[Request] = []
+        lengths: list[Request] = []
+        if n_dec:
+            rows = requests[:n_dec] if len(requests) > n_dec else requests
+            hits = not batch.stop_counts.keys().isdisjoint(tokens)
+            if hits and None in tokens:  # checked before anything changes
+                row = tokens.index(None)
+                raise ValueError(f"sampled_token_ids: no token for request {requests[row].request_id!r}")
+            if output.batch_version == batch.version:  # the usual case: append in C
+                deque(map(list.append, batch.outputs, tokens), maxlen=0)
+            else:  # rows were aborted or finished since schedule()
+                for request, token in zip(rows, tokens):
+                    if request._batch is batch:
+                        request.output_token_ids.append(token)
+            batch.clock += 1  # every row computed its token
+            if hits:
+                stopped = [r for r, t in zip(rows, tokens) if t in r.stop_set and r._batch is batch]
+            for request in stopped:
+                request.status = RequestStatus.FINISHED  # marked now, freed below
+            # An entry may be stale (the row left and joined again) or repeated: check each.
+            for request in batch.finish_at.pop(batch.clock, ()):
+                if request._batch is batch and request.status is running_status:
+                    if request.num_tokens >= request.max_num_tokens:
+                        request.status = RequestStatus.FINISHED
+                        lengths.append(request)
+        finished = [(r, FinishReason.STOP) for r in stopped] + [(r, FinishReason.LENGTH) for r in lengths]
+        if finished:
+            batch.leave(r for r, _ in finished)
+
+        # Prefill chunks: advance, publish full blocks, and sample once the prompt is computed.
+        joined: list[Request] = []
+        bs, bm = self.block_size, self.block_manager
         caching = bm.enable_prefix_caching
-        for request, n, token in zip(requests, output.num_new_tokens, sampled_token_ids):
-            if request.status is not running_status:
+        for request, n, token in zip(requests[n_dec:], output.num_new_tokens[n_dec:], sampled_token_ids[n_dec:]):
+            if request.status is not running_status or request._batch is not None:
                 continue  # aborted or finished since schedule()
             computed = request.num_computed_tokens + n
             request.num_computed_tokens = computed
@@ -276,17 +410,19 @@ class Scheduler:
             if token is None:
                 raise ValueError(f"sampled_token_ids: no token for request {request.request_id!r}")
             request.output_token_ids.append(token)
-            request.num_tokens = computed + 1
             if token in request.stop_set:
-                self._finish(request, FinishReason.STOP)
+                finished.append((request, FinishReason.STOP))
             elif computed + 1 >= request.max_num_tokens:
-                self._finish(request, FinishReason.LENGTH)
+                finished.append((request, FinishReason.LENGTH))
             else:
-                continue
-            finished.append(request)
+                joined.append(request)
+        if joined:
+            batch.join(joined)
         if finished:
+            for request, reason in finished:
+                self._finish(request, reason)
             self.running = [r for r in self.running if r.status is running_status]
-        return finished
+        return [r for r, _ in finished]
 
     # ---------------------------------------------------------------- observability
     def stats(self) -> SchedulerStats:

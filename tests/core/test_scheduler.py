@@ -368,3 +368,65 @@ def test_two_running_prefills_share_the_budget_without_exceeding_it():
     out = s.schedule()
     assert out.request_ids == ["a", "b"] and out.num_new_tokens == [14, 2]
     assert out.num_scheduled_tokens == 16
+
+
+# ------------------------------------------------------------------ the persistent decode batch
+def test_a_missing_decode_token_is_refused_before_anything_changes(scheduler):
+    runner = FakeRunner(scheduler.block_size)
+    scheduler.add_request(req("a", max_tokens=8))
+    scheduler.add_request(req("b", max_tokens=8, start=20))
+    out = scheduler.schedule()
+    scheduler.update(out, runner.execute(out))  # both prefilled; both decode from now on
+    out = scheduler.schedule()
+    assert out.num_decodes == 2
+    before = [(r.num_computed_tokens, list(r.output_token_ids)) for r in out.requests]
+    with pytest.raises(ValueError, match="sampled_token_ids: no token for request 'b'"):
+        scheduler.update(out, [5, None])
+    assert [(r.num_computed_tokens, list(r.output_token_ids)) for r in out.requests] == before
+    scheduler.update(out, [5, 6])  # the same step, now with its tokens
+    assert [r.output_token_ids[-1] for r in out.requests] == [5, 6]
+
+
+def test_update_refuses_a_stale_output(scheduler):
+    scheduler.add_request(req("a", max_tokens=8))
+    first = scheduler.schedule()
+    scheduler.update(first, [3])
+    second = scheduler.schedule()
+    scheduler.update(second, [4])
+    with pytest.raises(ValueError, match="^output:"):
+        scheduler.update(second, [4])
+
+
+def test_decode_rows_keep_their_order_and_positions_follow_the_clock():
+    s = make_scheduler(max_num_seqs=4)
+    runner = FakeRunner(s.block_size)
+    for i in range(3):
+        s.add_request(req(f"r{i}", n_prompt=3 + i, max_tokens=10, start=10 * i))
+    out = s.schedule()
+    s.update(out, runner.execute(out))
+    first = s.schedule()
+    s.update(first, runner.execute(first))
+    second = s.schedule()
+    assert second.requests is first.requests  # no row joined or left: the same row list
+    assert second.num_computed_tokens == [n + 1 for n in first.num_computed_tokens]
+    assert second.num_computed_tokens == [r.num_computed_tokens for r in second.requests]
+    sampled = runner.execute(second)
+    s.abort("r1")  # a row leaves mid-step: the step's output keeps its own rows
+    assert [r.request_id for r in second.requests] == ["r0", "r1", "r2"]
+    s.update(second, sampled)
+    third = s.schedule()
+    assert [r.request_id for r in third.requests] == ["r0", "r2"]
+    assert third.num_computed_tokens == [r.num_computed_tokens for r in third.requests]
+
+
+def test_blocks_filled_while_decoding_are_cached_when_the_request_ends():
+    s = make_scheduler(max_num_seqs=1)
+    runner = FakeRunner(4)
+    first = Request("first", list(range(100, 107)), max_tokens=6)  # 7 + 6 tokens: 3 full blocks
+    s.add_request(first)
+    run_to_completion(s, runner)
+    again = Request("again", first.all_token_ids, max_tokens=2)
+    s.add_request(again)
+    out = s.schedule()
+    assert again.num_cached_tokens == 12  # the prompt's block and both blocks of decoded tokens
+    s.update(out, runner.execute(out))
