@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from neuronserve.backends.inputs import SeqChunk, build_step_inputs
+from neuronserve.backends.inputs import SeqChunk, build_step_inputs, eager_attention_plan
 
 
 @dataclass
@@ -31,9 +31,9 @@ def score_text(
 ) -> TextScore:
     """Perplexity of ``token_ids`` under ``model``, in non-overlapping windows of ``window`` tokens
     (each window starts from an empty context), through the model's own paged forward, with a KV
-    cache of ``kv_dtype`` (int8 / fp8 need calibrated scales, see ``neuronserve.quant.kv``).
-    ``kernels="native"`` runs it on the C++ kernels (on a copy of the model) as the CPU backend does."""
-    plan = None
+    cache of ``kv_dtype`` (int8 / fp8 need calibrated scales, see ``neuronserve.quant.kv``), split
+    as the CPU backend splits a prefill chunk: ``kernels="native"`` on the C++ kernels (on a copy of
+    the model), ``"torch"`` on torch's ops, one attention over the window's context."""
     if kernels == "native":
         from neuronserve.model.llama import EagerAttentionPlan
         from neuronserve.ops import use_native_linears
@@ -53,6 +53,8 @@ def score_text(
             plan = EagerAttentionPlan(
                 paged=(inputs.block_tables, inputs.query_start_loc, inputs.context_lens)
             )
+        else:
+            plan = eager_attention_plan([SeqChunk(chunk[:-1], 0, list(range(1, num_blocks + 1)))], block_size)
         logits, _ = model(*args, kv, plan=plan)
         targets = torch.tensor(chunk[1:])
         nll += F.cross_entropy(logits.float(), targets, reduction="sum").item()

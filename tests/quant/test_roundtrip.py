@@ -24,7 +24,7 @@ def test_quantize_cli_round_trip_gives_the_same_logits(tmp_path, capsys):
     )
     reference, _, _ = load_model("smollm2-135m-instruct")
     quantize_model(reference, "int8", ["embed_tokens"])
-    ids = list(range(300, 400))
+    ids = list(range(300, 340))
     torch.testing.assert_close(score_text(loaded, ids).perplexity, score_text(reference, ids).perplexity)
     for a, b in zip(loaded.state_dict().values(), reference.state_dict().values()):
         assert torch.equal(a, b)
