@@ -1,8 +1,9 @@
 """Single-sequence decode and prefill speed on SmolLM2-135M, neuronserve vs transformers, one run.
 
 Also measures this machine's memory read bandwidth, and reports achieved weight GB/s (weight bytes
-read per decoded token x tokens/s) and its fraction of that roofline. Writes JSON to
-benchmarks/results/decode_roofline.json.
+read per decoded token x tokens/s) and its fraction of that roofline; and whether long context
+slows decode: ms/token after 100 and after 2,000 tokens of context, on the native kernels and on
+torch's ops (target: <= 1.2x). Writes JSON to benchmarks/results/decode_roofline.json.
 
     python benchmarks/decode_roofline.py [--decode-tokens 64] [--prompt-tokens 256]
 """
@@ -30,20 +31,45 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def neuronserve_speed(model, config, prompt: list[int], decode_tokens: int) -> tuple[float, float]:
-    sched_cfg = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=512, max_model_len=2048)
-    cache_cfg = CacheConfig(block_size=16, num_blocks=160)
+def neuronserve_speed(
+    model, config, prompt: list[int], decode_tokens: int, kernels: str = "native"
+) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of one sequence: the prompt's chunks, then the median decode step."""
+    sched_cfg = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=512, max_model_len=4096)
+    cache_cfg = CacheConfig(block_size=16, num_blocks=(len(prompt) + decode_tokens) // 16 + 8)
     scheduler = Scheduler(sched_cfg, cache_cfg)
-    runner = get_backend("cpu").build_runner(model, config, cache_cfg, sched_cfg)
+    runner = get_backend("cpu").build_runner(model, config, cache_cfg, sched_cfg, kernels=kernels)
     scheduler.add_request(Request("r", prompt, max_tokens=decode_tokens + 1, eos_token_id=None))
-    step_times = []
+    prefill_s, decode_times = 0.0, []
     while scheduler.has_unfinished():
         t0 = time.perf_counter()
         out = scheduler.schedule()
         scheduler.update(out, runner.execute(out).argmax(-1).tolist())
-        step_times.append(time.perf_counter() - t0)
-    prefill_s, decode_s = step_times[0], statistics.median(step_times[1:])
-    return len(prompt) / prefill_s, 1 / decode_s
+        if out.num_decodes:
+            decode_times.append(time.perf_counter() - t0)
+        else:
+            prefill_s += time.perf_counter() - t0
+    return len(prompt) / prefill_s, 1 / statistics.median(decode_times)
+
+
+def long_context_rows(model, config, decode_tokens: int) -> list[dict]:
+    """ms/token of decode after 100 and after 2,000 tokens of context, per kernel choice."""
+    rows = []
+    for kernels in ("native", "torch"):
+        ms = {}
+        for context in (100, 2000):
+            prompt = [(i * 7919) % 40000 + 100 for i in range(context)]
+            ms[context] = 1000 / neuronserve_speed(model, config, prompt, decode_tokens, kernels)[1]
+        rows.append(
+            {
+                "kernels": kernels,
+                "ms_per_token_ctx100": round(ms[100], 2),
+                "ms_per_token_ctx2000": round(ms[2000], 2),
+                "ratio": round(ms[2000] / ms[100], 3),
+                "target_ratio": 1.2,
+            }
+        )
+    return rows
 
 
 def transformers_speed(hf_dir: Path, prompt: list[int], decode_tokens: int) -> tuple[float, float]:
@@ -109,6 +135,14 @@ def main() -> None:
         )
     speedup = rows[0]["decode_tok_s"] / rows[1]["decode_tok_s"]
     print(f"decode speed-up over transformers: {speedup:.2f}x")
+    long_rows = long_context_rows(model, config, args.decode_tokens)
+    print(f"{'long context, fp32':<26}{'ms/tok @100':>12}{'ms/tok @2000':>13}{'ratio':>8}  target <= 1.2x")
+    for r in long_rows:
+        verdict = "met" if r["ratio"] <= r["target_ratio"] else "MISSED"
+        print(
+            f"{'kernels=' + r['kernels']:<26}{r['ms_per_token_ctx100']:>12.2f}"
+            f"{r['ms_per_token_ctx2000']:>13.2f}{r['ratio']:>7.2f}x  {verdict}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -123,6 +157,7 @@ def main() -> None:
                 "torch": torch.__version__,
                 "results": rows,
                 "decode_speedup_vs_transformers": round(speedup, 2),
+                "long_context": long_rows,
             },
             indent=2,
         )
