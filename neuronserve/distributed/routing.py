@@ -64,7 +64,9 @@ def prefix_hashes(text: str, block_chars: int = BLOCK_CHARS, max_blocks: int = M
     hashes: list[bytes] = []
     parent = b""
     for i in range(min(len(data) // block_chars, max_blocks)):
-        parent = hashlib.blake2b(parent + data[i * block_chars : (i + 1) * block_chars], digest_size=16).digest()
+        parent = hashlib.blake2b(
+            parent + data[i * block_chars : (i + 1) * block_chars], digest_size=16
+        ).digest()
         hashes.append(parent)
     return hashes
 
@@ -188,7 +190,11 @@ class LeastOutstandingPolicy:
         return least_outstanding(replica_ids, loads)
 
 
-POLICIES = {"prefix": PrefixAwarePolicy, "round_robin": RoundRobinPolicy, "least_outstanding": LeastOutstandingPolicy}
+POLICIES = {
+    "prefix": PrefixAwarePolicy,
+    "round_robin": RoundRobinPolicy,
+    "least_outstanding": LeastOutstandingPolicy,
+}
 
 
 def make_policy(name: str, **kwargs):

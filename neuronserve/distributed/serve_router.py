@@ -28,9 +28,7 @@ class NeuronserveRouter(RequestRouter):
         if not candidate_replicas:
             return []
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        loads = {
-            rid: self.replica_queue_len_cache.get(r.replica_id) or 0 for rid, r in by_id.items()
-        }
+        loads = {rid: self.replica_queue_len_cache.get(r.replica_id) or 0 for rid, r in by_id.items()}
         hashes = (pending_request.kwargs.get("prefix_hashes") if pending_request else None) or []
         chosen = self.policy.choose(sorted(by_id), loads, hashes)
         return [[by_id[chosen]], [r for rid, r in by_id.items() if rid != chosen]]

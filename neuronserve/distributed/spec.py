@@ -74,6 +74,9 @@ class EngineSpec:
         )
 
 
+ROUTINGS = ("prefix", "round_robin", "least_outstanding")
+
+
 @dataclass
 class ReplicaConfig:
     """How many replicas and what each one reserves on the Ray cluster.
@@ -102,8 +105,10 @@ class ReplicaConfig:
             raise ValueError(f"num_replicas: must be >= 1, got {self.num_replicas}")
         if self.num_cpus < 0 or self.num_neuron_cores < 0:
             raise ValueError("num_cpus: resources per replica must be >= 0")
-        if self.routing not in ("prefix", "round_robin", "least_outstanding"):
-            raise ValueError(f"routing: {self.routing!r} is not one of prefix, round_robin, least_outstanding")
+        if self.routing not in ROUTINGS:
+            raise ValueError(
+                f"routing: {self.routing!r} is not one of prefix, round_robin, least_outstanding"
+            )
 
     def ray_actor_options(self) -> dict:
         resources = dict(self.extra_resources)

@@ -10,7 +10,9 @@ import pytest
 from neuronserve.distributed import ray_available
 from neuronserve.distributed.spec import EngineSpec
 
-needs_ray = pytest.mark.skipif(not ray_available(), reason="Ray is not installed (pip install -e '.[distributed]')")
+needs_ray = pytest.mark.skipif(
+    not ray_available(), reason="Ray is not installed (pip install -e '.[distributed]')"
+)
 
 
 def save_tiny_model(path) -> str:
@@ -57,3 +59,18 @@ def tiny_spec(tiny_model_dir) -> EngineSpec:
         num_blocks=512,
         torch_threads=1,
     )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for every Ray test (starting one takes ~10 s): 4 logical CPUs on this
+    small machine, so 2 replicas of 1 CPU, a gateway of 0 and Ray Data's tasks all fit."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
