@@ -23,6 +23,7 @@ import bisect
 import hashlib
 import itertools
 import json
+import random
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -112,10 +113,12 @@ class HashRing:
 
 
 def least_outstanding(replica_ids: Sequence[str], loads: Mapping[str, int]) -> str:
-    """The replica with the fewest outstanding requests (ties: the first listed)."""
+    """The replica with the fewest outstanding requests (ties broken at random, so idle replicas
+    share the work instead of the first one taking all of it)."""
     if not replica_ids:
         raise ValueError("replica_ids: no replica to choose from")
-    return min(replica_ids, key=lambda r: loads.get(r, 0))
+    fewest = min(loads.get(r, 0) for r in replica_ids)
+    return random.choice([r for r in replica_ids if loads.get(r, 0) == fewest])
 
 
 class PrefixAwarePolicy:
