@@ -13,7 +13,10 @@ INSTALL_HINT = "Ray is not installed: pip install -e '.[distributed]'"
 
 
 def ray_available() -> bool:
-    return importlib.util.find_spec("ray") is not None
+    try:
+        return importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):  # a broken or deliberately hidden install
+        return False
 
 
 def require_ray():
