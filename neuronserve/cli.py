@@ -403,9 +403,9 @@ def _engine_spec(args: argparse.Namespace, **overrides):
     """The engine a replica or batch worker builds, from the shared model options."""
     from neuronserve.distributed.spec import EngineSpec
 
-    if args.tensor_parallel_size > 1 or args.artifact_cache or args.buckets:
+    if args.buckets or args.context_buckets or args.target:
         raise ValueError(
-            "replicas: --tensor-parallel-size, --artifact-cache and --buckets are single-engine only"
+            "buckets: --buckets, --context-buckets and --target are single-engine options for now"
         )
     return EngineSpec(
         model=args.model,
@@ -414,6 +414,8 @@ def _engine_spec(args: argparse.Namespace, **overrides):
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len,
+        tensor_parallel_size=args.tensor_parallel_size,
+        artifact_cache=args.artifact_cache,
         **overrides,
     )
 

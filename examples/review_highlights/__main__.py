@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
 
     products = load_catalog()[: args.limit]
     backend = "ray" if args.replicas > 1 and ray_available() else "local"
-    spec = EngineSpec(model=args.model, max_model_len=1024, max_num_seqs=32, max_waiting=None, kv_cache_gb=0.5)
+    spec = EngineSpec(
+        model=args.model, max_model_len=1024, max_num_seqs=32, max_waiting=None, kv_cache_gb=0.5
+    )
     result = refresh(
         products, spec, args.cache, args.work_dir, backend, args.replicas, progress=not args.no_progress
     )

@@ -30,6 +30,7 @@ class EngineSpec:
     kv_cache_gb: float = 1.0
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
+    artifact_cache: str | None = None  # compiled graphs (cpu-traced, neuron): a directory or s3://…
     torch_threads: int | None = None
     api_key: str | None = None
 
@@ -43,7 +44,7 @@ class EngineSpec:
 
     def build(self):
         """Load the model and return an ``Engine`` (seconds; run it where the engine will live)."""
-        from neuronserve.config import CacheConfig, SchedulerConfig
+        from neuronserve.config import CacheConfig, CompileConfig, SchedulerConfig
         from neuronserve.engine.engine import Engine
 
         if self.torch_threads:
@@ -70,6 +71,7 @@ class EngineSpec:
             kv_cache_gb=None if self.num_blocks else self.kv_cache_gb,
             quantization=self.quantization,
             tensor_parallel_size=self.tensor_parallel_size,
+            compile_config=CompileConfig(artifact_cache=self.artifact_cache) if self.artifact_cache else None,
             kernels=self.kernels,
         )
 

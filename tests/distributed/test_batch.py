@@ -38,7 +38,9 @@ def write_input(path: Path, n: int, bad: bool = False) -> Path:
             json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}),
             request_line(0),  # a repeated custom_id
             json.dumps({"custom_id": "bad-url", "url": "/v1/embeddings", "body": {}}),
-            json.dumps({"custom_id": "bad-field", "url": "/v1/completions", "body": {"prompt": "x", "top_p": 7}}),
+            json.dumps(
+                {"custom_id": "bad-field", "url": "/v1/completions", "body": {"prompt": "x", "top_p": 7}}
+            ),
             "",
         ]
     path.write_text("\n".join(lines) + "\n")
@@ -76,7 +78,9 @@ def test_bad_lines_get_errors_and_the_job_goes_on(tiny_spec, tmp_path):
     assert ok["req-0"]["response"]["body"]["object"] == "text_completion"
     assert ok["req-0"]["response"]["request_id"].startswith("cmpl-")
     refused = next(r for r in records if r["custom_id"] == "bad-field")
-    assert refused["response"]["status_code"] == 400 and refused["response"]["body"]["error"]["param"] == "top_p"
+    assert (
+        refused["response"]["status_code"] == 400 and refused["response"]["body"]["error"]["param"] == "top_p"
+    )
     line_errors = sorted(r["line"] for r in records if r["error"] is not None)
     assert line_errors == [7, 8, 9, 10]
     # A rerun finds everything answered and does nothing.
@@ -128,7 +132,9 @@ def test_killed_halfway_then_resumed_answers_every_line_once(tiny_model_dir, tmp
 @needs_ray
 def test_ray_data_across_two_workers(ray_cluster, tiny_spec, tmp_path):
     src, out = write_input(tmp_path / "in.jsonl", 24, bad=True), tmp_path / "out.jsonl"
-    summary = run_batch(src, out, tiny_spec, backend="ray", replicas=2, num_cpus_per_replica=1, progress=False)
+    summary = run_batch(
+        src, out, tiny_spec, backend="ray", replicas=2, num_cpus_per_replica=1, progress=False
+    )
     assert summary.succeeded == 24 and summary.failed == 5
     ids = Counter(r["custom_id"] for r in read_output(out) if r["error"] is None)
     assert len(ids) == 25 and set(ids.values()) == {1}  # 24 + the refused bad-field request

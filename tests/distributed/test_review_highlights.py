@@ -18,7 +18,10 @@ def test_parse_highlights():
         "Runs small",
         "Great value",
     ]
-    assert parse_highlights("Customers love it. Some find it heavy.") == ["Customers love it.", "Some find it heavy."]
+    assert parse_highlights("Customers love it. Some find it heavy.") == [
+        "Customers love it.",
+        "Some find it heavy.",
+    ]
 
 
 def test_only_products_whose_reviews_changed_are_refreshed(tiny_spec, tmp_path):

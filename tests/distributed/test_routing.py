@@ -22,7 +22,9 @@ SYSTEM = "You are a shopping assistant for an outdoor store. Answer briefly and 
 
 
 def chat(system: str, *turns: str) -> dict:
-    return {"messages": [{"role": "system", "content": system}, *({"role": "user", "content": t} for t in turns)]}
+    return {
+        "messages": [{"role": "system", "content": system}, *({"role": "user", "content": t} for t in turns)]
+    }
 
 
 @given(st.text(max_size=600), st.text(max_size=200), st.integers(1, 80))
@@ -39,7 +41,11 @@ def test_a_different_early_block_changes_every_later_hash():
 
 def test_routing_text_of_chat_and_completion_bodies():
     assert routing_text(chat("sys", "hi")).startswith("system\nsys")
-    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
+    parts = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+        ]
+    }
     assert "ab" in routing_text(parts)
     assert routing_text({"prompt": "hello"}) == "hello" == routing_text({"prompt": ["hello"]})
     assert routing_text({"prompt": [1, 2, 3]}) == "[1, 2, 3]"
