@@ -205,7 +205,16 @@ def main() -> None:
         f"\n{args.conversations} conversations x {args.turns} turns, {args.concurrency} at once, "
         f"2 replicas, {args.model}"
     )
-    print("| policy | requests | prompt tokens | hit rate (usage) | hit rate (replicas) | TTFT p50 | TTFT p99 |")
+    header = [
+        "policy",
+        "requests",
+        "prompt tokens",
+        "hit rate (usage)",
+        "hit rate (replicas)",
+        "TTFT p50",
+        "TTFT p99",
+    ]
+    print("| " + " | ".join(header) + " |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
