@@ -33,6 +33,7 @@ class InProcessApp:
 
         self.app = create_app(load_engine, model_name, api_key=api_key)
         self._lifespan: asyncio.Task | None = None
+        self._ready: asyncio.Future | None = None
         self._stop: asyncio.Event | None = None
 
     @property
@@ -45,9 +46,13 @@ class InProcessApp:
         return self.app.state.neuronserve.load_error
 
     async def start(self, timeout_s: float = 600.0) -> None:
-        """Run the app's start-up and wait until the engine is ready (or failed to load)."""
-        if self._lifespan is not None:
-            return
+        """Run the app's start-up and wait until the engine is ready (or failed to load). Safe to
+        call from concurrent requests: all of them wait for the one start-up."""
+        if self._ready is None:
+            self._ready = asyncio.ensure_future(self._start(timeout_s))
+        await asyncio.shield(self._ready)
+
+    async def _start(self, timeout_s: float) -> None:
         started: asyncio.Future = asyncio.get_running_loop().create_future()
         self._stop = asyncio.Event()
         sent_startup = False
@@ -84,7 +89,7 @@ class InProcessApp:
         self._stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._lifespan, timeout=30)
-        self._lifespan = None
+        self._lifespan = self._ready = None
 
     async def stream(
         self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None

@@ -12,8 +12,8 @@ and remembers which replica it last sent each one to. A request then goes to:
 1. the replica that received the longest prefix of its blocks (its cache most likely holds them);
 2. else the replica its first block maps to on a consistent-hash ring (so conversations that share
    a system prompt meet on one replica, and a replica joining or leaving moves few of them);
-3. in both cases only if that replica is not overloaded: its outstanding requests stay within
-   ``load_factor`` x the mean (+1), as in consistent hashing with bounded loads;
+3. in both cases only if that replica is not overloaded: its outstanding requests stay below
+   ``ceil(load_factor x the mean)``, as in consistent hashing with bounded loads;
 4. else (no full block, or every candidate overloaded) the replica with the fewest outstanding.
 """
 
@@ -23,6 +23,7 @@ import bisect
 import hashlib
 import itertools
 import json
+import math
 import random
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -133,10 +134,13 @@ class PrefixAwarePolicy:
         self.ring = HashRing(vnodes=vnodes)
         self._owner: OrderedDict[bytes, str] = OrderedDict()  # block hash -> replica last sent it
 
-    def bound(self, replica_ids: Sequence[str], loads: Mapping[str, int]) -> float:
-        """Most outstanding requests a replica may have and still take a request by affinity."""
-        total = sum(loads.get(r, 0) for r in replica_ids) + 1  # counting the request being placed
-        return self.load_factor * total / len(replica_ids) + 1
+    def bound(self, replica_ids: Sequence[str], loads: Mapping[str, int]) -> int:
+        """A replica takes a request by affinity only while its outstanding requests are below
+        this: ``ceil(load_factor x mean)``, counting the request being placed (Mirrokni et al.,
+        consistent hashing with bounded loads). Tight even at low load, where one replica
+        holding most conversations would otherwise slow every step it runs."""
+        total = sum(loads.get(r, 0) for r in replica_ids) + 1
+        return math.ceil(self.load_factor * total / len(replica_ids))
 
     def choose(self, replica_ids: Sequence[str], loads: Mapping[str, int], hashes: Sequence[bytes]) -> str:
         """The replica for a request whose prompt starts with blocks ``hashes``; records the choice."""

@@ -102,16 +102,22 @@ async def _next_or_none(stream):
 async def _relay(first: bytes | None, stream, content_type: str) -> AsyncIterator[bytes]:
     """The body: the chunk already read, then the rest; a replica lost mid-stream ends an SSE
     stream with an error event and ``[DONE]`` (the status line has already gone out)."""
-    if first is not None:
-        yield first
+    finished = False
     try:
+        if first is not None:
+            yield first
         async for chunk in stream:
             yield chunk
+        finished = True
     except RayActorError as exc:
+        finished = True
         logger.warning("replica died mid-stream: %s", exc)
         if content_type.startswith("text/event-stream"):
             error = _error(503, f"the replica serving this request died: {type(exc).__name__}")
             yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
+    finally:
+        if not finished:  # the client left: cancelling the call aborts the request on the replica
+            stream.cancel()
 
 
 gateway_app = FastAPI(title="neuronserve (Ray Serve)")
@@ -144,6 +150,10 @@ class Gateway:
                 logger.warning("replica died before answering (attempt %d): %s", attempt + 1, exc)
                 last_error = exc
                 continue
+            except Exception as exc:  # anything else Ray raised: a clean 5xx, never a traceback
+                logger.exception("request failed in the gateway")
+                status = 503 if type(exc).__name__ == "BackPressureError" else 500
+                return JSONResponse(_error(status, f"the request failed: {type(exc).__name__}"), status)
             for name in _DROPPED_HEADERS:
                 response_headers.pop(name, None)
             return StreamingResponse(

@@ -84,9 +84,10 @@ def test_an_overloaded_replica_is_passed_over_then_least_outstanding():
     other = "r1" if home == "r0" else "r0"
     # Within the bound, affinity wins over a shorter queue.
     assert policy.choose(["r0", "r1"], {home: 2, other: 1}, hashes) == home
-    # Load beyond 1.25 x the mean + 1: the next replica on the ring takes it, and now holds it.
+    # At ceil(1.25 x the mean) or more: the next replica on the ring takes it, and now holds it.
     assert policy.choose(["r0", "r1"], {home: 10, other: 0}, hashes) == other
     assert policy.choose(["r0", "r1"], {home: 0, other: 0}, hashes) == other
+    assert policy.bound(["r0", "r1"], {"r0": 2, "r1": 0}) == 2  # ceil(1.25 * 3 / 2)
     # No full block to go by: least outstanding.
     assert policy.choose(["r0", "r1"], {"r0": 3, "r1": 1}, []) == "r1"
 
