@@ -21,11 +21,7 @@ from pathlib import Path
 CACHE = Path(__file__).with_name("highlights.json")
 WORK_DIR = Path(__file__).with_name(".work")
 MAX_HIGHLIGHTS = 3
-SYSTEM = (
-    "You summarize customer reviews for a product page. Write exactly three short highlights, one "
-    "per line, each starting with '- ' and at most ten words. Mention what customers praise and what "
-    "they complain about. Use only what the reviews say."
-)
+INSTRUCTION = "Summarize these reviews as three short bullet points (praise and complaints)."
 
 
 def reviews_hash(product: dict) -> str:
@@ -37,29 +33,38 @@ def reviews_hash(product: dict) -> str:
 def request_line(product: dict) -> dict:
     """The product's OpenAI batch line; its ``custom_id`` carries the reviews' hash, so results
     of older reviews are never mistaken for current ones."""
-    reviews = "\n".join(f"{r['stars']}/5: {r['text']}" for r in product["reviews"])
+    reviews = "\n".join(f"- {r['text']} ({r['stars']} stars)" for r in product["reviews"])
+    # The instruction after the reviews: SmolLM2-135M follows it more often there than in a
+    # system prompt (tried on a handful of products).
+    content = f"Customer reviews of the {product['title']}:\n{reviews}\n\n{INSTRUCTION}"
     return {
         "custom_id": f"{product['id']}:{reviews_hash(product)}",
         "method": "POST",
         "url": "/v1/chat/completions",
         "body": {
-            "messages": [
-                {"role": "system", "content": SYSTEM},
-                {"role": "user", "content": f"Product: {product['title']}\nReviews:\n{reviews}"},
-            ],
+            "messages": [{"role": "user", "content": content}],
             "max_tokens": 48,
             "temperature": 0,
+            "repetition_penalty": 1.1,
         },
     }
 
 
 def parse_highlights(text: str) -> list[str]:
-    """At most three highlight lines from the model's answer: its bullet lines, else its sentences."""
+    """At most three distinct highlights from the model's answer: its bullet lines, else its
+    sentences; headings ("...:") and star counts echoed from the prompt are dropped."""
     lines = [re.sub(r"^\s*(?:[-*\u2022]|\d+[.)])\s*", "", line).strip() for line in text.splitlines()]
-    bullets = [line for line in lines if line]
+    bullets = [line for line in lines if line and not line.endswith(":")]
     if len(bullets) < 2:
-        bullets = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
-    return [b[:120] for b in bullets[:MAX_HIGHLIGHTS]]
+        bullets = [
+            s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip() and not s.strip().endswith(":")
+        ]
+    out: list[str] = []
+    for b in bullets:
+        b = re.sub(r"\s*\(\d stars?\)\s*$", "", b)[:120]
+        if b and b.lower() not in {o.lower() for o in out}:
+            out.append(b)
+    return out[:MAX_HIGHLIGHTS]
 
 
 def load_cache(path: Path = CACHE) -> dict:

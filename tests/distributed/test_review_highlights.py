@@ -18,6 +18,8 @@ def test_parse_highlights():
         "Runs small",
         "Great value",
     ]
+    echoed = "Customer reviews of the X:\n- Quiet (5 stars)\n- Quiet (5 stars)\n- Loud at night (2 stars)"
+    assert parse_highlights(echoed) == ["Quiet", "Loud at night"]
     assert parse_highlights("Customers love it. Some find it heavy.") == [
         "Customers love it.",
         "Some find it heavy.",
