@@ -109,11 +109,15 @@ async def _relay(first: bytes | None, stream, content_type: str) -> AsyncIterato
         async for chunk in stream:
             yield chunk
         finished = True
-    except RayActorError as exc:
+    except Exception as exc:  # RayActorError: the replica died; anything else: it failed
         finished = True
-        logger.warning("replica died mid-stream: %s", exc)
+        logger.warning("replica lost mid-stream: %r", exc)
         if content_type.startswith("text/event-stream"):
-            error = _error(503, f"the replica serving this request died: {type(exc).__name__}")
+            died = isinstance(exc, RayActorError)
+            reason = "died" if died else "failed"
+            error = _error(
+                503 if died else 500, f"the replica serving this request {reason}: {type(exc).__name__}"
+            )
             yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
     finally:
         if not finished:  # the client left: cancelling the call aborts the request on the replica

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from neuronserve.cli import _engine_spec, build_parser
+from neuronserve.cli import build_parser
 from neuronserve.distributed.autoscale import PlanTarget, autoscaling_config, plan_target
+from neuronserve.distributed.commands import engine_spec
 from neuronserve.distributed.spec import ReplicaConfig
 
 
@@ -41,7 +42,7 @@ def test_replica_config_names_bad_fields():
         ReplicaConfig(routing="random")
 
 
-def test_cli_builds_the_replicas_engine_spec():
+def test_cli_builds_the_replicasengine_spec():
     args = build_parser().parse_args(
         [
             "serve",
@@ -56,9 +57,9 @@ def test_cli_builds_the_replicas_engine_spec():
         ]
     )
     assert args.replicas == 2 and args.routing == "round_robin" and args.autoscale == "1:4"
-    spec = _engine_spec(args, max_num_seqs=4)
+    spec = engine_spec(args, max_num_seqs=4)
     assert spec.max_model_len == 512 and spec.max_num_seqs == 4 and spec.name == spec.model
     with pytest.raises(ValueError, match="buckets"):
-        _engine_spec(build_parser().parse_args(["serve", "--replicas", "2", "--buckets", "16,32"]))
+        engine_spec(build_parser().parse_args(["serve", "--replicas", "2", "--buckets", "16,32"]))
     batch = build_parser().parse_args(["run-batch", "-i", "a.jsonl", "-o", "b.jsonl", "--replicas", "2"])
     assert batch.executor == "auto" and batch.replicas == 2
