@@ -61,7 +61,7 @@ def parse_highlights(text: str) -> list[str]:
         ]
     out: list[str] = []
     for b in bullets:
-        b = re.sub(r"\s*\(\d stars?\)\s*$", "", b)[:120]
+        b = " ".join(re.sub(r"\s*\(\d stars?\)\s*$", "", b).split())[:120]
         if b and b.lower() not in {o.lower() for o in out}:
             out.append(b)
     return out[:MAX_HIGHLIGHTS]
