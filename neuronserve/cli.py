@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(sim, plan)
 
     _add_bench_parser(commands)
+    from neuronserve.distributed.commands import add_batch_arguments
+
+    batch = commands.add_parser(
+        "run-batch", help="run an OpenAI Batch API JSONL file (resumable), in process or on Ray Data"
+    )
+    _add_model_args(batch)
+    add_batch_arguments(batch)
     return parser
 
 
@@ -144,6 +151,9 @@ def _add_serve_parser(commands) -> None:
     serve.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV-cache memory, GiB")
     serve.add_argument("--no-prefix-caching", action="store_true")
     serve.add_argument("--log-level", default="info")
+    from neuronserve.distributed.commands import add_replica_arguments
+
+    add_replica_arguments(serve.add_argument_group("replicas on Ray Serve (needs the 'distributed' extra)"))
 
 
 def _add_bench_parser(commands) -> None:
@@ -345,6 +355,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    if args.replicas > 1 or args.address or args.autoscale:
+        from neuronserve.distributed.commands import cmd_serve_replicas
+
+        return cmd_serve_replicas(args)
+
     from neuronserve.config import CacheConfig, SchedulerConfig
     from neuronserve.engine.engine import Engine
     from neuronserve.server.app import create_app
@@ -461,11 +476,20 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_quantize(args)
         if args.command == "compile":
             return cmd_compile(args)
+        if args.command == "run-batch":
+            from neuronserve.distributed.commands import cmd_run_batch
+
+            return cmd_run_batch(args)
         if args.command in ("simulate", "plan"):
             from neuronserve.sim import commands
 
             return commands.cmd_simulate(args) if args.command == "simulate" else commands.cmd_plan(args)
     except ValueError as exc:  # bad arguments name their field
+        print(f"neuronserve: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional extra that is not installed
+        if "pip install" not in str(exc):
+            raise
         print(f"neuronserve: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,13 +18,16 @@ from pathlib import Path
 from fastapi import Query
 from fastapi.responses import HTMLResponse
 
+from examples.review_highlights.highlights import load_highlights
 from examples.shopping_assistant.prompt import build_messages, short_name
 from examples.shopping_assistant.retrieval import Retriever, load_catalog
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 
 
-def card(p: dict) -> dict:
+def card(p: dict, highlights: dict[str, list[str]] | None = None) -> dict:
+    """What the page shows of a product; ``highlights``: review highlights by product id (made by
+    ``python -m examples.review_highlights``), shown when the product has some."""
     return {
         "id": p["id"],
         "title": p["title"],
@@ -32,6 +35,7 @@ def card(p: dict) -> dict:
         "price_usd": p["price_usd"],
         "rating": p["rating"],
         "category": p["category"],
+        "highlights": (highlights or {}).get(p["id"], []),
     }
 
 
@@ -41,6 +45,7 @@ def create_shop_app(load_engine, model_name: str, products: list[dict] | None = 
     from neuronserve.server.app import create_app
 
     retriever = Retriever(products if products is not None else load_catalog())
+    highlights = load_highlights()
     app = create_app(load_engine, model_name)
 
     @app.get("/", response_class=HTMLResponse)
@@ -50,7 +55,7 @@ def create_shop_app(load_engine, model_name: str, products: list[dict] | None = 
     @app.get("/api/search")
     async def search(q: str = Query(..., min_length=1, max_length=500)) -> dict:
         found = retriever.search(q, k=top_k)
-        return {"products": [card(p) for p in found], "messages": build_messages(q, found)}
+        return {"products": [card(p, highlights) for p in found], "messages": build_messages(q, found)}
 
     return app
 

@@ -309,7 +309,13 @@ async def _stream(
 
 def _usage(out: RequestOutput) -> dict:
     n_prompt, n_out = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+    return {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": n_out,
+        "total_tokens": n_prompt + n_out,
+        # OpenAI's field: prompt tokens served from the prefix cache (routing is measured by it).
+        "prompt_tokens_details": {"cached_tokens": out.metrics.num_cached_tokens},
+    }
 
 
 class _Format:
