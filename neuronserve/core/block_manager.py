@@ -123,17 +123,20 @@ class BlockManager:
         self.block_tables[request.request_id] = blocks
         return True
 
-    def append_block(self, request: Request) -> bool:
-        """One more block at the end of a running request's table: ``allocate`` for a decode
-        token entering a new block, without its arithmetic. ``False`` when no block is free."""
-        if not self.free_blocks:
-            return False
-        block_id, _ = self.free_blocks.popitem(last=False)
-        if self.block_hash[block_id] is not None:
-            self._evict(block_id)
-        self.ref_counts[block_id] = 1
-        request.block_ids.append(block_id)  # the same list as block_tables[request.request_id]
-        return True
+    def append_blocks(self, requests: Sequence[Request]) -> list[Request]:
+        """One more block at the end of each request's table: for running requests whose next
+        token starts a new block (the decode rows entering one), ``allocate`` without its
+        arithmetic, in one loop. Returns the requests left without a block: the pool ran dry."""
+        free_blocks, ref_counts, block_hash = self.free_blocks, self.ref_counts, self.block_hash
+        for i, request in enumerate(requests):
+            if not free_blocks:
+                return list(requests[i:])
+            block_id, _ = free_blocks.popitem(last=False)
+            if block_hash[block_id] is not None:
+                self._evict(block_id)
+            ref_counts[block_id] = 1
+            request.block_ids.append(block_id)  # the same list as block_tables[request.request_id]
+        return []
 
     def free(self, request: Request) -> None:
         """Release a request's blocks, tail first, so shared heads are evicted last."""

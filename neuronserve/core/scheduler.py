@@ -13,7 +13,6 @@ KV block; the rest of its cost is a few list operations done in C.
 from __future__ import annotations
 
 import bisect
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -110,21 +109,28 @@ class DecodeBatch:
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self.clock = 0
+        self._due_clock = -1  # the clock whose due rows got their blocks
         self.version = 0  # bumped whenever rows join or leave
         self.rows: list[Request] = []
         self.outputs: list[list[int]] = []  # the rows' output_token_ids lists, in row order
         self.offsets: list[int] = []  # the rows' positions minus the clock
         self.by_phase: list[dict[Request, None]] = [{} for _ in range(block_size)]
         self.finish_at: dict[int, list[Request]] = {}  # clock -> rows reaching max_num_tokens then
-        # stop token id -> rows that stop on it; None is always there, so a missing token takes
-        # the same slow path as a stop token (one set lookup a row finds both).
+        # stop token id -> rows that stop on it, and the ids as a frozenset (rebuilt only when an
+        # id appears or goes). None is always in it, so a missing token takes the same slow path
+        # as a stop token: one set lookup a row finds both.
         self.stop_counts: dict[int | None, int] = {None: 1}
+        self.stop_ids: frozenset[int | None] = frozenset((None,))
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def due(self) -> list[Request]:
-        """The rows whose next token starts a new block (position a multiple of the block size)."""
+        """The rows whose next token starts a new block (position a multiple of the block size),
+        once per clock: a second ``schedule()`` before ``update()`` must not give them another."""
+        if self._due_clock == self.clock:
+            return []
+        self._due_clock = self.clock
         return list(self.by_phase[-self.clock % self.block_size])
 
     def join(self, requests: Sequence[Request]) -> None:
@@ -139,6 +145,8 @@ class DecodeBatch:
             self.finish_at.setdefault(request.max_num_tokens - 1 - offset, []).append(request)
             for token in request.stop_set:
                 self.stop_counts[token] = self.stop_counts.get(token, 0) + 1
+        if len(self.stop_counts) != len(self.stop_ids):
+            self.stop_ids = frozenset(self.stop_counts)
         self.rows = self.rows + list(requests)
         self.outputs = self.outputs + [r.output_token_ids for r in requests]
         self.offsets = self.offsets + offsets
@@ -158,6 +166,8 @@ class DecodeBatch:
                     del stops[token]
                 else:
                     stops[token] -= 1
+        if len(stops) != len(self.stop_ids):
+            self.stop_ids = frozenset(stops)
         # finish_at keeps stale entries; update() checks each entry before it finishes a request.
         keep = [i for i, r in enumerate(self.rows) if r._batch is self]
         self.rows = [self.rows[i] for i in keep]
@@ -253,13 +263,11 @@ class Scheduler:
         bs, bm, batch, running_status = self.block_size, self.block_manager, self.batch, RequestStatus.RUNNING
         preempted: list[Request] = []
 
-        # 1. The decode batch: one token for every row; only rows entering a new block need work.
-        for request in batch.due():
-            if request._batch is not batch:
-                continue  # preempted earlier in this loop
-            if request.num_computed_tokens < len(request.block_ids) * bs or bm.append_block(request):
-                continue
-            self._reserve(request, 1, preempted)
+        # 1. The decode batch: one token for every row; only rows entering a new block need work,
+        # and only when the pool runs dry does a row have to wait for victims to be preempted.
+        for request in bm.append_blocks(batch.due()):
+            if request._batch is batch:  # not preempted earlier in this loop
+                self._reserve(request, 1, preempted)
         budget = self.token_budget - len(batch)  # max_num_seqs <= budget, so decodes always fit
 
         # 2. Prefill chunks of running requests, then of waiting ones, while budget lasts.
@@ -367,29 +375,29 @@ class Scheduler:
         running_status = RequestStatus.RUNNING
         stopped: list[Request] = []
         lengths: list[Request] = []
+        rows, hits = requests[:n_dec] if len(requests) > n_dec else requests, False
         if n_dec:
-            rows = requests[:n_dec] if len(requests) > n_dec else requests
-            hits = not batch.stop_counts.keys().isdisjoint(tokens)
+            hits = not batch.stop_ids.isdisjoint(tokens)
             if hits and None in tokens:  # checked before anything changes
                 row = tokens.index(None)
                 raise ValueError(f"sampled_token_ids: no token for request {requests[row].request_id!r}")
             if output.batch_version == batch.version:  # the usual case: append in C
-                deque(map(list.append, batch.outputs, tokens), maxlen=0)
+                any(map(list.append, batch.outputs, tokens))  # append returns None: any() runs them all
             else:  # rows were aborted or finished since schedule()
                 for request, token in zip(rows, tokens):
                     if request._batch is batch:
                         request.output_token_ids.append(token)
-            batch.clock += 1  # every row computed its token
-            if hits:
-                stopped = [r for r, t in zip(rows, tokens) if t in r.stop_set and r._batch is batch]
-            for request in stopped:
-                request.status = RequestStatus.FINISHED  # marked now, freed below
-            # An entry may be stale (the row left and joined again) or repeated: check each.
-            for request in batch.finish_at.pop(batch.clock, ()):
-                if request._batch is batch and request.status is running_status:
-                    if request.num_tokens >= request.max_num_tokens:
-                        request.status = RequestStatus.FINISHED
-                        lengths.append(request)
+        batch.clock += 1  # every row computed its token (the clock moves on empty steps too)
+        if hits:
+            stopped = [r for r, t in zip(rows, tokens) if t in r.stop_set and r._batch is batch]
+        for request in stopped:
+            request.status = RequestStatus.FINISHED  # marked now, freed below
+        # An entry may be stale (the row left and joined again) or repeated: check each.
+        for request in batch.finish_at.pop(batch.clock, ()):
+            if request._batch is batch and request.status is running_status:
+                if request.num_tokens >= request.max_num_tokens:
+                    request.status = RequestStatus.FINISHED
+                    lengths.append(request)
         finished = [(r, FinishReason.STOP) for r in stopped] + [(r, FinishReason.LENGTH) for r in lengths]
         if finished:
             batch.leave(r for r, _ in finished)
