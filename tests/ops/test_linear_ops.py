@@ -180,7 +180,7 @@ def layers(in_f: int, out_f: int):
 
 
 @pytest.mark.parametrize("kind", ["fp32", "int8", "fp8", "int4"])
-@pytest.mark.parametrize("rows", [1, 3, 8, 70, 200])
+@pytest.mark.parametrize("rows", [1, 3, 8, 70, 200, 300])  # 300: fp32 and dequantized int8/fp8 via torch
 def test_native_linear_equals_the_wrapped_layer(kind, rows):
     layer = layers(96, 80)[kind]  # (torch's packed int4 kernel, in Int4Linear, needs N % 16 == 0)
     native = NativeLinear(layer)
