@@ -100,6 +100,7 @@ class EagerAttentionPlan:
     prefill_segments: list[tuple[int, int, int, torch.Tensor]] = field(default_factory=list)
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None
     paged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    rolled_sin: torch.Tensor | None = None  # set by the model for the paged path (see Attention)
 
 
 class RMSNorm(nn.Module):
@@ -163,15 +164,23 @@ class Attention(nn.Module):
         plan: EagerAttentionPlan | None = None,
     ) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if plan is not None and plan.paged is not None:
+            # The native kernels: RoPE on q and k at once (three ops instead of a dozen: at one
+            # token a step these small ops cost their dispatch), write the new K/V, then read
+            # every context in place.
+            nh, hd, qk_size = self.num_heads, self.head_dim, self.q_size + self.kv_size
+            qk = qkv[:, :qk_size].view(T, nh + self.num_kv_heads, hd)
+            qk = qk * cos + qk.roll(hd // 2, dims=-1) * plan.rolled_sin
+            v = qkv[:, qk_size:].reshape(T, self.num_kv_heads, hd).contiguous()
+            ops.write_kv(qk[:, nh:].contiguous(), v, kv_cache, slot_mapping, self.kv_scale)
+            q = qk[:, :nh].contiguous()  # (a view already contiguous at one token)
+            out = ops.paged_attention(q, kv_cache, *plan.paged, self.kv_scale, self.scale)
+            return self.o_proj(out.view(T, self.q_size))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)  # (T, nh, hd)
         k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)  # (T, kvh, hd)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        if plan is not None and plan.paged is not None:
-            # The native kernels: write the new K/V, then read every context in place.
-            ops.write_kv(k, v.contiguous(), kv_cache, slot_mapping, self.kv_scale)
-            out = ops.paged_attention(q, kv_cache, *plan.paged, self.kv_scale, self.scale)
-            return self.o_proj(out.view(T, self.q_size))
 
         # Write the new tokens' K/V into their slots (quantized for an int8 / fp8 cache: the same
         # torch composite the native kernel is tested against), then read every context back.
@@ -335,6 +344,9 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         if plan is not None and plan.paged is not None:  # the kernel needs no per-token tables or mask
             context_block_tables = attn_mask = None
+            # rotate_half(x) * sin == roll(x, hd / 2) * sin with its first half negated (exactly)
+            half = sin.shape[-1] // 2
+            plan.rolled_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         else:
             context_block_tables, attn_mask = self._token_tables_and_mask(
                 positions, block_tables, context_lens, query_start_loc, kv_cache.shape[3]
