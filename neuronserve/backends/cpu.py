@@ -81,7 +81,7 @@ class CPUModelRunner(ChunkModelRunner):
             plan = eager_attention_plan(chunks, self.cache_config.block_size)
             plan.workspace = self._workspace(plan.num_decode_tokens * inputs.block_tables.shape[1])
         logits, _ = self.model(*inputs.as_args(), self.kv_cache, plan=plan)
-        return logits[: inputs.num_seqs]
+        return logits[: inputs.num_logits]
 
 
 @register_backend("cpu")

@@ -29,7 +29,11 @@ def _queue_key(request: Request) -> tuple[int, int]:
 @dataclass
 class SchedulerOutput:
     """One step's decisions, in batch order. ``num_computed_tokens[i]`` is the position of request
-    ``i``'s first new token; its block table is ``requests[i].block_ids`` until ``update``."""
+    ``i``'s first new token; its block table is ``requests[i].block_ids`` until ``update``.
+
+    ``spec_token_ids``: the draft tokens scheduled after a decode's next token, by request id; such a
+    request's chunk is its next token + the drafts, and the runner returns the logits of all of them
+    (``num_logits``). ``update`` learns which were accepted and rolls the rest back."""
 
     requests: list[Request]
     num_new_tokens: list[int]
@@ -37,6 +41,7 @@ class SchedulerOutput:
     bucket: int  # padded T: the smallest token bucket >= num_scheduled_tokens (0 for an empty step)
     block_size: int
     preempted_ids: list[str] = field(default_factory=list)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -55,8 +60,9 @@ class SchedulerOutput:
 
     def token_ids(self, i: int) -> list[int]:
         """The ids of request ``i``'s new tokens this step."""
-        start = self.num_computed_tokens[i]
-        return self.requests[i].token_ids_slice(start, start + self.num_new_tokens[i])
+        start, request = self.num_computed_tokens[i], self.requests[i]
+        drafts = self.spec_token_ids.get(request.request_id, [])
+        return request.token_ids_slice(start, start + self.num_new_tokens[i] - len(drafts)) + drafts
 
     def slot_mapping(self, i: int) -> list[int]:
         """The KV-cache slot (``block_id * block_size + offset``) of each of request ``i``'s new tokens."""
@@ -65,7 +71,12 @@ class SchedulerOutput:
 
     def samples(self, i: int) -> bool:
         """Whether request ``i`` reaches its last token this step, so a token is sampled for it."""
-        return self.num_computed_tokens[i] + self.num_new_tokens[i] == self.requests[i].num_tokens
+        return self.num_computed_tokens[i] + self.num_new_tokens[i] >= self.requests[i].num_tokens
+
+    def num_logits(self, i: int) -> int:
+        """Logit rows the runner returns for request ``i``: its last new token's, or with drafts
+        the next token's and each draft's."""
+        return 1 + len(self.spec_token_ids.get(self.requests[i].request_id, ()))
 
 
 @dataclass
@@ -213,6 +224,8 @@ class Scheduler:
             num_new_tokens.append(n)
             budget -= n
 
+        spec_token_ids = self._schedule_drafts(requests, num_new_tokens, budget) if not preempted else {}
+        budget -= sum(len(d) for d in spec_token_ids.values())
         self.num_steps += 1
         num_tokens = self.token_budget - budget
         buckets = self.config.token_buckets
@@ -223,7 +236,30 @@ class Scheduler:
             bucket=buckets[bisect.bisect_left(buckets, num_tokens)] if num_tokens else 0,
             block_size=bs,
             preempted_ids=[r.request_id for r in preempted],
+            spec_token_ids=spec_token_ids,
         )
+
+    def _schedule_drafts(
+        self, requests: list[Request], num_new_tokens: list[int], budget: int
+    ) -> dict[str, list[int]]:
+        """Append each scheduled decode's proposed drafts (``request.spec_token_ids``) to its chunk,
+        while budget, free blocks, ``num_speculative_tokens`` and the request's ``max_tokens`` allow.
+        Drafts never preempt anything: without blocks for them a request just decodes."""
+        drafts: dict[str, list[int]] = {}
+        k = self.config.num_speculative_tokens
+        for i, request in enumerate(requests):
+            proposal = request.spec_token_ids
+            if not proposal or budget <= 0 or num_new_tokens[i] != 1:
+                continue
+            if request.num_tokens - request.num_computed_tokens != 1:
+                continue  # the last token of a prefill chunk: nothing was proposed after it
+            # Accepting every draft yields n + 1 tokens; the request may still get max - num_tokens.
+            n = min(len(proposal), k, budget, request.max_num_tokens - request.num_tokens - 1)
+            if n > 0 and self.block_manager.allocate(request, 1 + n):
+                drafts[request.request_id] = proposal[:n]
+                num_new_tokens[i] += n
+                budget -= n
+        return drafts
 
     def _reserve(self, request: Request, num_new_tokens: int, preempted: list[Request]) -> bool:
         """Allocate blocks for ``request``, preempting victims until they fit; ``False`` when the
@@ -261,10 +297,13 @@ class Scheduler:
             raise ValueError(
                 f"sampled_token_ids: {len(sampled_token_ids)} tokens for {len(requests)} requests"
             )
+        num_new_tokens = output.num_new_tokens
+        if output.spec_token_ids:  # accepted drafts join the output; rejected ones are rolled back
+            num_new_tokens, sampled_token_ids = self._accept_drafts(output, sampled_token_ids)
         finished: list[Request] = []
         bs, bm, running_status = self.block_size, self.block_manager, RequestStatus.RUNNING
         caching = bm.enable_prefix_caching
-        for request, n, token in zip(requests, output.num_new_tokens, sampled_token_ids):
+        for request, n, token in zip(requests, num_new_tokens, sampled_token_ids):
             if request.status is not running_status:
                 continue  # aborted or finished since schedule()
             computed = request.num_computed_tokens + n
@@ -287,6 +326,29 @@ class Scheduler:
         if finished:
             self.running = [r for r in self.running if r.status is running_status]
         return finished
+
+    def _accept_drafts(self, output: SchedulerOutput, sampled: Sequence) -> tuple[list[int], list]:
+        """For each request that verified drafts, ``sampled`` holds the tokens it emitted: the
+        accepted drafts, then one token the model chose. Append the accepted drafts (up to a stop
+        token or ``max_tokens``) to its output, count only verified tokens as computed, and free the
+        blocks that hold nothing but rejected drafts; their slots are overwritten by later tokens.
+        Returns, in batch order, the tokens each request computed and the one token left to append."""
+        num_new_tokens, last_tokens = list(output.num_new_tokens), list(sampled)
+        for i, request in enumerate(output.requests):
+            drafts = output.spec_token_ids.get(request.request_id)
+            if drafts is None or request.status is not RequestStatus.RUNNING:
+                continue
+            emitted = [sampled[i]] if isinstance(sampled[i], int) else list(sampled[i])
+            if not 1 <= len(emitted) <= len(drafts) + 1 or emitted[:-1] != drafts[: len(emitted) - 1]:
+                raise ValueError(f"sampled_token_ids: {emitted} do not verify drafts {drafts}")
+            emitted = emitted[: request.max_num_tokens - request.num_tokens]
+            stop = next((j for j, t in enumerate(emitted) if t in request.stop_set), None)
+            *accepted, last_tokens[i] = emitted if stop is None else emitted[: stop + 1]
+            request.output_token_ids.extend(accepted)
+            request.num_tokens += len(accepted)
+            num_new_tokens[i] = 1 + len(accepted)
+            self.block_manager.trim(request, request.num_computed_tokens + num_new_tokens[i])
+        return num_new_tokens, last_tokens
 
     # ---------------------------------------------------------------- observability
     def stats(self) -> SchedulerStats:
