@@ -230,3 +230,33 @@ def test_ngram_proposes_the_continuation_of_the_latest_longest_match():
 def test_speculative_config_errors_name_the_field(config, field):
     with pytest.raises(ValueError, match=f"^{field.replace('.', '[.]')}:"):
         SpeculativeConfig.from_dict(config)
+
+
+def test_metrics_and_cli_flag():
+    import argparse
+    from types import SimpleNamespace
+
+    from neuronserve.cli import _speculative_config
+    from neuronserve.engine.spec import SpecDecodeStats
+    from neuronserve.server.metrics import ServerMetrics
+
+    stats = SpecDecodeStats(
+        num_drafts=4, num_draft_tokens=12, num_accepted_tokens=7, accepted_per_position=[4, 2, 1]
+    )
+    scheduler = make_engine_stub_scheduler()
+    engine = SimpleNamespace(scheduler=scheduler, speculator=SimpleNamespace(stats=stats))
+    text = ServerMetrics(lambda: engine).render().decode()
+    assert "neuronserve:spec_decode_num_draft_tokens_total 12.0" in text
+    assert "neuronserve:spec_decode_num_accepted_tokens_total 7.0" in text
+    assert 'neuronserve:spec_decode_num_accepted_tokens_per_pos_total{position="1"} 2.0' in text
+
+    args = argparse.Namespace(speculative_config='{"method": "ngram", "num_speculative_tokens": 5}')
+    assert _speculative_config(args) == SpeculativeConfig(num_speculative_tokens=5)
+    with pytest.raises(ValueError, match="^speculative_config: not JSON"):
+        _speculative_config(argparse.Namespace(speculative_config="{method: ngram}"))
+
+
+def make_engine_stub_scheduler():
+    from tests.core.conftest import make_scheduler
+
+    return make_scheduler()
