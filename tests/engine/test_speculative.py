@@ -260,3 +260,61 @@ def make_engine_stub_scheduler():
     from tests.core.conftest import make_scheduler
 
     return make_scheduler()
+
+
+# ---------------------------------------------------------------- draft model
+def draft_engine(target, draft, k: int = 3) -> Engine:
+    from neuronserve.backends import get_backend
+    from neuronserve.engine.spec.draft import DraftModelProposer
+
+    base = make_engine(target)
+    runner = get_backend("cpu").build_runner(draft, draft.config, base.cache_config, base.scheduler_config)
+    proposer = DraftModelProposer(runner, target.config.vocab_size)
+    config = SpeculativeConfig(method="draft_model", model="(in memory)", num_speculative_tokens=k)
+    return Engine(
+        base.runner,
+        None,
+        base.model_config,
+        base.scheduler_config,
+        base.cache_config,
+        0,
+        Speculator(config, proposer),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_draft():
+    from neuronserve.model.llama import LlamaForCausalLM
+    from tests.engine.conftest import tiny_config
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(tiny_config()).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    return model
+
+
+def test_a_draft_model_drafting_for_itself_is_always_accepted(tiny_model, references):
+    engine = draft_engine(tiny_model, tiny_model)
+    outs = generate(engine, PROMPTS, GREEDY)
+    assert [p + o.token_ids for p, o in zip(PROMPTS, outs)] == references
+    stats = engine.speculator.stats
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
+    bm = engine.speculator.proposer.block_manager
+    bm.check_integrity()
+    assert bm.num_free_blocks == bm.num_usable_blocks  # the draft's blocks came back too
+
+
+def test_a_different_draft_model_keeps_greedy_exact_and_sampling_reproducible(
+    tiny_model, tiny_draft, references
+):
+    engine = draft_engine(tiny_model, tiny_draft)
+    outs = generate(engine, PROMPTS, GREEDY)
+    assert [p + o.token_ids for p, o in zip(PROMPTS, outs)] == references
+    assert engine.speculator.stats.num_draft_tokens > 0
+    params = SamplingParams(max_tokens=15, temperature=1.0, seed=3, ignore_eos=True)
+    runs = [
+        [o.token_ids for o in generate(draft_engine(tiny_model, tiny_draft), PROMPTS, params)]
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]

@@ -134,6 +134,8 @@ class Speculator:
 
 
 def build_speculator(config: SpeculativeConfig, **draft_kwargs) -> Speculator:
+    """The speculator ``config`` describes; a draft model is loaded with ``draft_kwargs`` (see
+    ``DraftModelProposer.load``)."""
     if config.method == "ngram":
         return Speculator(config, NgramDrafts(config))
     from neuronserve.engine.spec.draft import DraftModelProposer
