@@ -288,7 +288,9 @@ class Scheduler:
 
         ``sampled_token_ids`` holds a token for each request that reached its last token
         (``output.samples(i)``): a mapping by request id, or a sequence in batch order with one
-        entry per scheduled request (entries of requests still mid-prefill are ignored).
+        entry per scheduled request (entries of requests still mid-prefill are ignored). A request
+        that verified drafts (``output.spec_token_ids``) gets the list of tokens it emitted: its
+        accepted drafts, then the model's own token.
         """
         requests = output.requests
         if isinstance(sampled_token_ids, Mapping):
