@@ -15,6 +15,7 @@ _LAZY = {
     "Engine": "neuronserve.engine.engine",
     "AsyncEngine": "neuronserve.engine.async_engine",
     "RequestOutput": "neuronserve.engine.outputs",
+    "SpeculativeConfig": "neuronserve.config",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -31,6 +31,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tensor-parallel-size", "-tp", type=int, default=1, help="shard the model over this many processes"
     )
+    parser.add_argument(
+        "--speculative-config",
+        default=None,
+        help='speculative decoding as JSON, as in vLLM: \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+        'or \'{"method": "draft_model", "model": "...", "num_speculative_tokens": 4}\'',
+    )
     graphs = parser.add_argument_group("static graphs (cpu-traced, neuron)")
     graphs.add_argument(
         "--artifact-cache", "--cache", default=None, help="compiled graphs: a directory or s3://bucket/prefix"
@@ -234,6 +240,22 @@ def _bench_specs(args: argparse.Namespace) -> list:
     return specs
 
 
+def _speculative_config(args: argparse.Namespace):
+    """--speculative-config parsed and validated (``None`` without it)."""
+    import json
+
+    from neuronserve.config import SpeculativeConfig
+
+    text = getattr(args, "speculative_config", None)
+    if not text:
+        return None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"speculative_config: not JSON ({exc})") from None
+    return SpeculativeConfig.from_dict(config)
+
+
 def _engine(args: argparse.Namespace, scheduler_config, cache_config, kv_cache_gb: float):
     """An engine for the model and backend options every command shares (_add_model_args)."""
     from neuronserve.engine.engine import Engine
@@ -249,6 +271,7 @@ def _engine(args: argparse.Namespace, scheduler_config, cache_config, kv_cache_g
         tensor_parallel_size=args.tensor_parallel_size,
         compile_config=_compile_config(args),
         kernels=args.kernels,
+        speculative_config=_speculative_config(args),
     )
 
 
@@ -431,8 +454,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from neuronserve.backends.build import ModelSpec, build_rank
     from neuronserve.config import CacheConfig, SchedulerConfig
 
+    speculative = _speculative_config(args)
     scheduler_config = SchedulerConfig(
-        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, **_token_buckets(args)
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        num_speculative_tokens=speculative.num_speculative_tokens if speculative else 0,
+        **_token_buckets(args),
     )
     spec = ModelSpec(
         model=args.model,

@@ -29,6 +29,8 @@ class SchedulerConfig:
             smallest bucket that holds its tokens.
         max_waiting: most requests waiting for admission; beyond it ``add_request`` raises
             ``QueueFullError`` (``None``: unbounded).
+        num_speculative_tokens: most draft tokens a decode verifies in one step (0: no speculative
+            decoding); the static-graph backends size each bucket's logit rows for it.
     """
 
     max_num_seqs: int = 64
@@ -36,8 +38,14 @@ class SchedulerConfig:
     max_model_len: int = 2048
     token_buckets: tuple[int, ...] = DEFAULT_TOKEN_BUCKETS
     max_waiting: int | None = 256
+    num_speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
+        _require(
+            self.num_speculative_tokens >= 0,
+            "num_speculative_tokens",
+            f"must be >= 0, got {self.num_speculative_tokens}",
+        )
         _require(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
         _require(self.max_model_len >= 1, "max_model_len", f"must be >= 1, got {self.max_model_len}")
         buckets = tuple(sorted(set(self.token_buckets)))
@@ -60,6 +68,84 @@ class SchedulerConfig:
             "max_waiting",
             f"must be >= 1 or None, got {self.max_waiting}",
         )
+
+
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding, as vLLM's ``speculative_config``: a proposer drafts up to
+    ``num_speculative_tokens`` tokens per decode and the target model verifies them in one step.
+
+    Attributes:
+        method: ``ngram`` (prompt lookup: the tokens that followed the latest earlier occurrence of
+            the last ``prompt_lookup_min..prompt_lookup_max`` tokens) or ``draft_model`` (a smaller
+            model with the same tokenizer, named by ``model``).
+        num_speculative_tokens: drafts per step (``k``); a request verifies ``k + 1`` positions.
+        model: the draft model (``draft_model`` only): a name, a Hugging Face directory or a GGUF file.
+        prompt_lookup_min / prompt_lookup_max: n-gram sizes tried, longest first (``ngram`` only).
+        disable_by_batch_size: no drafts in a step with at least this many running requests (large
+            batches are compute-bound, where rejected drafts cost real time); ``None``: never.
+        min_acceptance_rate: a request whose recent drafts were accepted less often than this stops
+            drafting for a while (rejected drafts cost compute and bring nothing).
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    model: str | None = None
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 5
+    disable_by_batch_size: int | None = 16
+    min_acceptance_rate: float = 0.1
+
+    def __post_init__(self) -> None:
+        name = "speculative_config."
+        _require(
+            self.method in SPECULATIVE_METHODS,
+            name + "method",
+            f"must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}",
+        )
+        k = self.num_speculative_tokens
+        _require(
+            isinstance(k, int) and 1 <= k <= 16,
+            name + "num_speculative_tokens",
+            f"must be in [1, 16], got {k!r}",
+        )
+        _require(
+            (self.model is not None) == (self.method == "draft_model"),
+            name + "model",
+            "names the draft model, and only for method 'draft_model'",
+        )
+        _require(
+            1 <= self.prompt_lookup_min <= self.prompt_lookup_max,
+            name + "prompt_lookup_min",
+            f"must satisfy 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+            f"{self.prompt_lookup_min}, {self.prompt_lookup_max}",
+        )
+        _require(
+            self.disable_by_batch_size is None or self.disable_by_batch_size >= 1,
+            name + "disable_by_batch_size",
+            f"must be >= 1 or None, got {self.disable_by_batch_size}",
+        )
+        _require(
+            0.0 <= self.min_acceptance_rate < 1.0,
+            name + "min_acceptance_rate",
+            f"must be in [0, 1), got {self.min_acceptance_rate}",
+        )
+
+    @classmethod
+    def from_dict(cls, config: dict | SpeculativeConfig | None) -> SpeculativeConfig | None:
+        """From vLLM's dict form (``{"method": "ngram", "num_speculative_tokens": 4}``); unknown
+        keys raise ``ValueError`` naming them."""
+        if config is None or isinstance(config, SpeculativeConfig):
+            return config
+        if not isinstance(config, dict):
+            raise ValueError(f"speculative_config: expected a dict, got {type(config).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(config) - known)
+        _require(not unknown, "speculative_config", f"unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**config)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from neuronserve.config import CacheConfig, CompileConfig, SchedulerConfig
+from neuronserve.config import CacheConfig, CompileConfig, SchedulerConfig, SpeculativeConfig
 from neuronserve.core import QueueFullError
 from neuronserve.engine.engine import Engine
 from neuronserve.engine.outputs import RequestOutput
@@ -57,6 +57,11 @@ class LLM:
         seed: seed of the sampler shared by requests without their own ``seed``.
         kernels: ``native`` (default): the ``cpu`` backend runs its linear layers and attention
             on neuronserve's C++ kernels; ``torch``: on torch's ops, for comparison.
+        speculative_config: speculative decoding, as in vLLM: ``{"method": "ngram",
+            "num_speculative_tokens": 4}`` (prompt lookup) or ``{"method": "draft_model", "model":
+            ..., "num_speculative_tokens": 4}`` (a smaller model with the same tokenizer); see
+            ``SpeculativeConfig``. Greedy outputs are unchanged token for token, sampled ones keep
+            the target model's distribution.
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class LLM:
         compile_config: CompileConfig | None = None,
         seed: int = 0,
         kernels: str = "native",
+        speculative_config: dict | SpeculativeConfig | None = None,
     ) -> None:
         scheduler_config = SchedulerConfig(
             max_num_seqs=max_num_seqs,
@@ -107,6 +113,7 @@ class LLM:
             compile_config=_with_cache(compile_config, artifact_cache),
             seed=seed,
             kernels=kernels,
+            speculative_config=speculative_config,
         )
         self._ids = itertools.count()
 

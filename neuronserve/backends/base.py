@@ -30,7 +30,9 @@ class ModelRunner(ABC):
 
     @abstractmethod
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Logits ``[len(out), vocab]`` (float32), row ``i`` for ``out.requests[i]``'s last new token."""
+        """Logits (float32) ``[sum of out.num_logits(i), vocab]``: for each request in batch order,
+        its last new token's row, or with drafts (``out.spec_token_ids``) the rows of its next token
+        and each draft. Without drafts that is ``[len(out), vocab]``, row ``i`` for request ``i``."""
 
     def shutdown(self) -> None:  # noqa: B027 (optional: most runners hold nothing to release)
         """Release processes and devices the runner holds (nothing, for an in-process runner)."""
@@ -47,7 +49,7 @@ class ChunkModelRunner(ModelRunner):
 
     @abstractmethod
     def run_chunks(self, chunks: list) -> torch.Tensor:
-        """Logits ``[len(chunks), vocab]`` of the step of ``chunks`` (``SeqChunk``s)."""
+        """Logits ``[sum of num_logits, vocab]`` of the step of ``chunks`` (``SeqChunk``s)."""
 
 
 class Backend(ABC):

@@ -101,7 +101,7 @@ class CPUModelRunner(ChunkModelRunner):
         else:
             plan.workspace = self._workspace(plan.num_decode_tokens * inputs.block_tables.shape[1])
         logits, _ = self.model(*inputs.as_args(), self.kv_cache, plan=plan)
-        return logits[: inputs.num_seqs]
+        return logits[: inputs.num_logits]
 
 
 @register_backend("cpu")

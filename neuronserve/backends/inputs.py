@@ -12,11 +12,13 @@ from neuronserve.core import PAD_BLOCK_ID, SchedulerOutput
 
 @dataclass
 class SeqChunk:
-    """One sequence's share of a step: its new tokens, the position of the first, its blocks."""
+    """One sequence's share of a step: its new tokens, the position of the first, its blocks, and
+    how many of its last tokens need logits (1; ``1 + drafts`` for a speculative decode)."""
 
     token_ids: Sequence[int]
     start: int
     block_table: Sequence[int]
+    num_logits: int = 1
 
 
 @dataclass
@@ -27,9 +29,10 @@ class StepInputs:
     block_tables: torch.Tensor  # (B, max_blocks)
     context_lens: torch.Tensor  # (B,)
     query_start_loc: torch.Tensor  # (B + 1,)
-    logits_indices: torch.Tensor  # (B,)
+    logits_indices: torch.Tensor  # (L,): L = B, or more rows with speculative decoding
     num_tokens: int  # real tokens; the rest of T is padding
     num_seqs: int  # real sequences; the rest of B is padding
+    num_logits: int = 0  # real logit rows; the rest of L is padding
 
     def as_args(self) -> tuple[torch.Tensor, ...]:
         return (
@@ -45,7 +48,7 @@ class StepInputs:
 
 def chunks_from_output(out: SchedulerOutput) -> list[SeqChunk]:
     return [
-        SeqChunk(out.token_ids(i), out.num_computed_tokens[i], r.block_ids)
+        SeqChunk(out.token_ids(i), out.num_computed_tokens[i], r.block_ids, out.num_logits(i))
         for i, r in enumerate(out.requests)
     ]
 
@@ -57,10 +60,12 @@ def build_step_inputs(
     num_tokens: int | None = None,
     num_seqs: int | None = None,
     max_blocks: int | None = None,
+    num_logits: int | None = None,
 ) -> StepInputs:
-    """Flatten ``chunks`` and pad to ``num_tokens`` (T), ``num_seqs`` (B) and ``max_blocks``
-    (block-table width); each defaults to the unpadded size. Padding tokens write to the pad block
-    and padding sequences are empty."""
+    """Flatten ``chunks`` and pad to ``num_tokens`` (T), ``num_seqs`` (B), ``max_blocks``
+    (block-table width) and ``num_logits`` (L, logit rows); each defaults to the unpadded size
+    (L: one row per padding sequence). Padding tokens write to the pad block and padding sequences
+    are empty."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -93,7 +98,11 @@ def build_step_inputs(
     tables = [list(c.block_table[:width]) for c in chunks]
     tables = [t + [PAD_BLOCK_ID] * (width - len(t)) for t in tables]
     tables += [[PAD_BLOCK_ID] * width] * (B - real_seqs)
-    logits_indices = [max(0, q - 1) for q in query_start_loc[1 : real_seqs + 1]] + [0] * (B - real_seqs)
+    rows = [max(0, q - j) for c, q in zip(chunks, query_start_loc[1:]) for j in range(c.num_logits, 0, -1)]
+    L = len(rows) + B - real_seqs if num_logits is None else num_logits
+    if len(rows) > L:
+        raise ValueError(f"step of {len(rows)} logit rows does not fit the padded shape L={L}")
+    logits_indices = rows + [0] * (L - len(rows))
 
     def tensor(values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64)
@@ -108,6 +117,7 @@ def build_step_inputs(
         logits_indices=tensor(logits_indices),
         num_tokens=real_tokens,
         num_seqs=real_seqs,
+        num_logits=len(rows),
     )
 
 
@@ -124,16 +134,19 @@ class DecodeInputs:
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self._version: int | None = None
+        self._source: Sequence[int] = ()  # the scheduler's offsets list the tensors were built from
         self._clock = 0
         self._offsets = self._tables = self._arange = torch.empty(0, dtype=torch.int64)
 
     def build(self, out: SchedulerOutput) -> StepInputs | None:
         num_seqs = out.num_decodes
-        if num_seqs == 0 or num_seqs != len(out.requests):
+        if num_seqs == 0 or num_seqs != len(out.requests) or out.spec_token_ids:
             self._version = None
             return None
         bs, rows = self.block_size, out.requests
-        positions = self._offsets + out.clock if out.batch_version == self._version else None
+        # The same rows at the same offsets (accepted drafts move rows on: a new offsets list).
+        same = out.batch_version == self._version and out.decode_offsets is self._source
+        positions = self._offsets + out.clock if same else None
         if positions is None or out.clock != self._clock + 1:
             self._start(out)
             positions = self._offsets + out.clock
@@ -164,6 +177,7 @@ class DecodeInputs:
             logits_indices=self._arange[:num_seqs],
             num_tokens=num_seqs,
             num_seqs=num_seqs,
+            num_logits=num_seqs,
         )
 
     def _start(self, out: SchedulerOutput) -> None:
@@ -173,6 +187,7 @@ class DecodeInputs:
             [t + [PAD_BLOCK_ID] * (width - len(t)) for t in tables], dtype=torch.int64
         )
         self._offsets = torch.tensor(out.decode_offsets, dtype=torch.int64)
+        self._source = out.decode_offsets
         self._arange = torch.arange(len(tables) + 1, dtype=torch.int64)
         self._version = out.batch_version
 

@@ -111,6 +111,7 @@ class StaticGraphRunner(ChunkModelRunner):
             num_tokens=bucket.num_tokens,
             num_seqs=bucket.num_seqs,
             max_blocks=bucket.max_blocks,
+            num_logits=bucket.logit_rows,
         )
 
     @torch.inference_mode()
@@ -121,14 +122,16 @@ class StaticGraphRunner(ChunkModelRunner):
         block_size = self.cache_config.block_size
         num_tokens = sum(len(c.token_ids) for c in chunks)
         num_blocks = max(-(-(c.start + len(c.token_ids)) // block_size) for c in chunks)
-        bucket = pick_bucket(self.buckets, num_tokens, len(chunks), num_blocks)
+        num_logits = sum(c.num_logits for c in chunks)
+        bucket = pick_bucket(self.buckets, num_tokens, len(chunks), num_blocks, num_logits)
         inputs = build_step_inputs(
             chunks,
             block_size,
             num_tokens=bucket.num_tokens,
             num_seqs=bucket.num_seqs,
             max_blocks=bucket.max_blocks,
+            num_logits=bucket.logit_rows,
         )
         logits = self.run_graph(self.graphs[bucket], inputs)
         self.calls[bucket] += 1
-        return logits[: len(chunks)].float()
+        return logits[:num_logits].float()

@@ -149,6 +149,16 @@ class BlockManager:
                 self.free_blocks[block_id] = None
         request.block_ids = []
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Free the request's blocks past its first ``num_tokens`` tokens: blocks that held only
+        rejected draft tokens. Such blocks were never full of computed KV, so never hashed."""
+        blocks, keep = request.block_ids, -(-num_tokens // self.block_size)
+        while len(blocks) > keep:
+            block_id = blocks.pop()
+            assert self.ref_counts[block_id] == 1 and self.block_hash[block_id] is None
+            self.ref_counts[block_id] = 0
+            self.free_blocks[block_id] = None
+
     def _evict(self, block_id: int) -> None:
         h = self.block_hash[block_id]
         if self.cached_blocks.get(h) == block_id:

@@ -56,6 +56,7 @@ class Request:
         "block_ids",
         "block_hashes",
         "num_preemptions",
+        "spec_token_ids",
     )
 
     def __init__(
@@ -94,6 +95,9 @@ class Request:
         self.block_ids: list[int] = []  # the block table, owned by the BlockManager
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks known so far
         self.num_preemptions = 0
+        # Draft tokens proposed to follow the last token (set by the engine's proposer between
+        # steps). Unverified: never part of the token lists, the prefix-cache hashes or num_tokens.
+        self.spec_token_ids: list[int] = []
 
     @property
     def num_tokens(self) -> int:

@@ -34,9 +34,13 @@ def _queue_key(request: Request) -> tuple[int, int]:
 @dataclass
 class SchedulerOutput:
     """One step's decisions, in batch order: first the decode batch's rows (``num_decodes``, one
-    token each), then prefill chunks. ``num_computed_tokens[i]`` is the position of request ``i``'s
-    first new token; its block table is ``requests[i].block_ids`` until ``update``. The lists are
-    shared with the scheduler's persistent batch: read them, never change them."""
+    token each, plus any drafts), then prefill chunks. ``num_computed_tokens[i]`` is the position of
+    request ``i``'s first new token; its block table is ``requests[i].block_ids`` until ``update``.
+    The lists are shared with the scheduler's persistent batch: read them, never change them.
+
+    ``spec_token_ids``: the draft tokens scheduled after a decode's next token, by request id; such a
+    request's chunk is its next token + the drafts, and the runner returns the logits of all of them
+    (``num_logits``). ``update`` learns which were accepted and rolls the rest back."""
 
     requests: list[Request]
     num_new_tokens: list[int]
@@ -48,6 +52,7 @@ class SchedulerOutput:
     clock: int = 0  # the decode batch's clock when this step was scheduled
     prefill_computed: list[int] = field(default_factory=list)  # positions of the prefill chunks
     batch_version: int = 0  # the decode batch's membership version when this step was scheduled
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @cached_property
     def num_computed_tokens(self) -> list[int]:
@@ -71,8 +76,9 @@ class SchedulerOutput:
 
     def token_ids(self, i: int) -> list[int]:
         """The ids of request ``i``'s new tokens this step."""
-        start = self.num_computed_tokens[i]
-        return self.requests[i].token_ids_slice(start, start + self.num_new_tokens[i])
+        start, request = self.num_computed_tokens[i], self.requests[i]
+        drafts = self.spec_token_ids.get(request.request_id, [])
+        return request.token_ids_slice(start, start + self.num_new_tokens[i] - len(drafts)) + drafts
 
     def slot_mapping(self, i: int) -> list[int]:
         """The KV-cache slot (``block_id * block_size + offset``) of each of request ``i``'s new tokens."""
@@ -81,7 +87,12 @@ class SchedulerOutput:
 
     def samples(self, i: int) -> bool:
         """Whether request ``i`` reaches its last token this step, so a token is sampled for it."""
-        return self.num_computed_tokens[i] + self.num_new_tokens[i] == self.requests[i].num_tokens
+        return self.num_computed_tokens[i] + self.num_new_tokens[i] >= self.requests[i].num_tokens
+
+    def num_logits(self, i: int) -> int:
+        """Logit rows the runner returns for request ``i``: its last new token's, or with drafts
+        the next token's and each draft's."""
+        return 1 + len(self.spec_token_ids.get(self.requests[i].request_id, ()))
 
 
 @dataclass
@@ -151,6 +162,20 @@ class DecodeBatch:
         self.outputs = self.outputs + [r.output_token_ids for r in requests]
         self.offsets = self.offsets + offsets
         self.version += 1
+
+    def shift(self, moves: Sequence[tuple[Request, int]]) -> None:
+        """Move rows on by extra tokens (accepted drafts) on top of the clock's one."""
+        if not moves:
+            return
+        bs, offsets, index = self.block_size, list(self.offsets), {id(r): i for i, r in enumerate(self.rows)}
+        for request, n in moves:
+            offset = request._computed
+            del self.by_phase[offset % bs][request]
+            offset += n
+            request._computed = offsets[index[id(request)]] = offset
+            self.by_phase[offset % bs][request] = None
+            self.finish_at.setdefault(request.max_num_tokens - 1 - offset, []).append(request)
+        self.offsets = offsets  # a new list: earlier outputs keep theirs
 
     def leave(self, requests: Iterable[Request]) -> None:
         """Remove rows (finished, aborted or preempted); their positions become absolute again."""
@@ -309,11 +334,16 @@ class Scheduler:
 
         self.num_steps += 1
         num_decodes = len(batch)
-        num_tokens = num_decodes + sum(chunks)
+        requests = batch.rows + prefills if prefills else batch.rows
+        num_new_tokens = [1] * num_decodes + chunks
+        spec_token_ids: dict[str, list[int]] = {}
+        if self.config.num_speculative_tokens and not preempted:
+            spec_token_ids = self._schedule_drafts(requests[:num_decodes], num_new_tokens, budget)
+        num_tokens = self.token_budget - budget + sum(len(d) for d in spec_token_ids.values())
         buckets = self.config.token_buckets
         return SchedulerOutput(
-            requests=batch.rows + prefills if prefills else batch.rows,
-            num_new_tokens=[1] * num_decodes + chunks,
+            requests=requests,
+            num_new_tokens=num_new_tokens,
             bucket=buckets[bisect.bisect_left(buckets, num_tokens)] if num_tokens else 0,
             block_size=bs,
             preempted_ids=[r.request_id for r in preempted],
@@ -322,7 +352,28 @@ class Scheduler:
             clock=batch.clock,
             prefill_computed=[r.num_computed_tokens for r in prefills],
             batch_version=batch.version,
+            spec_token_ids=spec_token_ids,
         )
+
+    def _schedule_drafts(
+        self, requests: list[Request], num_new_tokens: list[int], budget: int
+    ) -> dict[str, list[int]]:
+        """Append each decode row's proposed drafts (``request.spec_token_ids``) to its chunk,
+        while budget, free blocks, ``num_speculative_tokens`` and the request's ``max_tokens`` allow.
+        Drafts never preempt anything: without blocks for them a request just decodes."""
+        drafts: dict[str, list[int]] = {}
+        k = self.config.num_speculative_tokens
+        for i, request in enumerate(requests):  # the decode rows
+            proposal = request.spec_token_ids
+            if not proposal or budget <= 0:
+                continue
+            # Accepting every draft yields n + 1 tokens; the request may still get max - num_tokens.
+            n = min(len(proposal), k, budget, request.max_num_tokens - request.num_tokens - 1)
+            if n > 0 and self.block_manager.allocate(request, 1 + n):
+                drafts[request.request_id] = proposal[:n]
+                num_new_tokens[i] += n
+                budget -= n
+        return drafts
 
     def _reserve(self, request: Request, num_new_tokens: int, preempted: list[Request]) -> bool:
         """Allocate blocks for ``request``, preempting victims until they fit; ``False`` when the
@@ -359,7 +410,9 @@ class Scheduler:
         ``sampled_token_ids`` holds a token for each request that reached its last token
         (``output.samples(i)``; every decode row does): a mapping by request id, or a sequence in
         batch order with one entry per scheduled request (entries of requests still mid-prefill
-        are ignored). ``output`` must be the latest ``schedule()``'s.
+        are ignored). A request that verified drafts (``output.spec_token_ids``) gets the list of
+        tokens it emitted: its accepted drafts, then the model's own token. ``output`` must be the
+        latest ``schedule()``'s.
         """
         requests, batch = output.requests, self.batch
         if isinstance(sampled_token_ids, Mapping):
@@ -370,6 +423,8 @@ class Scheduler:
             )
         if output.clock != batch.clock:
             raise ValueError("output: update() takes the output of the latest schedule(), once")
+        if output.spec_token_ids:  # accepted drafts join the output; rejected ones are rolled back
+            sampled_token_ids = self._accept_drafts(output, sampled_token_ids)
         n_dec = output.num_decodes
         tokens = sampled_token_ids[:n_dec] if len(sampled_token_ids) > n_dec else sampled_token_ids
         running_status = RequestStatus.RUNNING
@@ -431,6 +486,31 @@ class Scheduler:
                 self._finish(request, reason)
             self.running = [r for r in self.running if r.status is running_status]
         return [r for r, _ in finished]
+
+    def _accept_drafts(self, output: SchedulerOutput, sampled: Sequence) -> tuple[list[int], list]:
+        """For each request that verified drafts, ``sampled`` holds the tokens it emitted: the
+        accepted drafts, then one token the model chose. Append the accepted drafts (up to a stop
+        token or ``max_tokens``) to its output, count only verified tokens as computed, and free the
+        blocks that hold nothing but rejected drafts; their slots are overwritten by later tokens.
+        Returns, in batch order, the one token left to append for each request (the decode batch
+        then advances every row by that one token, having moved these rows on by their drafts)."""
+        last_tokens, shifts = list(sampled), []
+        for i, request in enumerate(output.requests[: output.num_decodes]):
+            drafts = output.spec_token_ids.get(request.request_id)
+            if drafts is None or request._batch is not self.batch:
+                continue  # no drafts, or aborted since schedule()
+            emitted = [sampled[i]] if isinstance(sampled[i], int) else list(sampled[i])
+            if not 1 <= len(emitted) <= len(drafts) + 1 or emitted[:-1] != drafts[: len(emitted) - 1]:
+                raise ValueError(f"sampled_token_ids: {emitted} do not verify drafts {drafts}")
+            emitted = emitted[: request.max_num_tokens - request.num_tokens]
+            stop = next((j for j, t in enumerate(emitted) if t in request.stop_set), None)
+            *accepted, last_tokens[i] = emitted if stop is None else emitted[: stop + 1]
+            request.output_token_ids.extend(accepted)
+            self.block_manager.trim(request, request.num_computed_tokens + 1 + len(accepted))
+            if accepted:
+                shifts.append((request, len(accepted)))
+        self.batch.shift(shifts)
+        return last_tokens
 
     # ---------------------------------------------------------------- observability
     def stats(self) -> SchedulerStats:

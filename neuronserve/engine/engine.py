@@ -8,17 +8,26 @@ CPU) in a worker thread while requests arrive and leave on the event loop:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from neuronserve.backends.base import ModelRunner
-from neuronserve.config import CacheConfig, CompileConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from neuronserve.config import (
+    CacheConfig,
+    CompileConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
 from neuronserve.core import FinishReason, Request, Scheduler, SchedulerOutput
 from neuronserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from neuronserve.engine.params import SamplingParams
 from neuronserve.engine.sampler import Sampler, SamplerOutput, SamplingState, TokenLogprobs
+from neuronserve.engine.spec import DraftRequest, Speculator, build_speculator
 from neuronserve.engine.text import TextStream
 from neuronserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -41,10 +50,14 @@ class _Tracked:
 
 @dataclass
 class StepResult:
-    """What ``execute`` hands to ``process``: the sampled rows of the step and their tokens."""
+    """What ``execute`` hands to ``process``: the sampled rows of the step and their tokens; with
+    speculative decoding also the tokens each verifying request emitted (accepted drafts + one)
+    and the drafts proposed for each request's next step."""
 
-    rows: list[int]  # batch indices of the requests that got a token
+    rows: list[int]  # batch indices of the requests that got one sampled token
     sampled: SamplerOutput
+    verified: dict[int, list[int]] = field(default_factory=dict)  # batch index -> emitted tokens
+    proposals: dict[int, list[int]] = field(default_factory=dict)  # batch index -> next drafts
 
 
 class Engine:
@@ -59,14 +72,21 @@ class Engine:
         scheduler_config: SchedulerConfig,
         cache_config: CacheConfig,
         seed: int = 0,
+        speculator: Speculator | None = None,
     ) -> None:
+        """``speculator``: speculative decoding (see ``neuronserve.engine.spec``); it sets
+        ``scheduler_config.num_speculative_tokens`` (a static-graph runner must have been built
+        with that value already, as ``from_pretrained`` does)."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.model_config = model_config
+        if speculator is not None:
+            scheduler_config = dataclasses.replace(scheduler_config, num_speculative_tokens=speculator.k)
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
         self.scheduler = Scheduler(scheduler_config, cache_config)
         self.sampler = Sampler(seed)
+        self.speculator = speculator
         self.eos_token_ids = model_config.eos_token_ids
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids = list(dict.fromkeys([tokenizer.eos_token_id, *self.eos_token_ids]))
@@ -89,6 +109,7 @@ class Engine:
         compile_config: CompileConfig | None = None,
         seed: int = 0,
         kernels: str = "native",
+        speculative_config: SpeculativeConfig | dict | None = None,
     ) -> Engine:
         """Load ``model`` (a name, a Hugging Face directory or a GGUF file) onto ``backend``.
         ``kv_cache_gb`` (GiB, per rank), when given, sizes the KV cache instead of
@@ -98,7 +119,8 @@ class Engine:
         processes (this one and spawned workers); call ``close()`` to stop them.
         ``compile_config``: buckets, compiler arguments and artifact cache of the static-graph
         backends (``cpu-traced``, ``neuron``). ``kernels``: ``native`` (the C++ kernels, default)
-        or ``torch`` on the ``cpu`` backend."""
+        or ``torch`` on the ``cpu`` backend. ``speculative_config``: speculative decoding, as a
+        ``SpeculativeConfig`` or vLLM's dict (``{"method": "ngram", "num_speculative_tokens": 4}``)."""
         import torch
 
         from neuronserve.backends import get_backend
@@ -108,13 +130,18 @@ class Engine:
         if kernels not in ("native", "torch"):
             raise ValueError(f"kernels: {kernels!r} is not one of native, torch")
         backend_impl = get_backend(backend)  # unknown names fail before any model loads
+        spec_config = SpeculativeConfig.from_dict(speculative_config)
+        scheduler_config = scheduler_config or SchedulerConfig()
+        if spec_config is not None:
+            k = spec_config.num_speculative_tokens
+            scheduler_config = dataclasses.replace(scheduler_config, num_speculative_tokens=k)
         spec = ModelSpec(
             model=model,
             backend=backend,
             dtype=str(dtype or torch.float32).removeprefix("torch."),
             quantization=quantization,
             modules_to_not_convert=modules_to_not_convert,
-            scheduler_config=scheduler_config or SchedulerConfig(),
+            scheduler_config=scheduler_config,
             cache_config=cache_config or CacheConfig(),
             kv_cache_gb=kv_cache_gb,
             tensor_parallel_size=tensor_parallel_size,
@@ -136,7 +163,12 @@ class Engine:
             config, cache_config, model_dir = runner.model_config, runner.cache_config, runner.model_dir
         try:
             tokenizer = Tokenizer.from_dir(model_dir)
-            engine = cls(runner, tokenizer, config, spec.scheduler_config, cache_config, seed=seed)
+            speculator = None
+            if spec_config is not None:
+                speculator = build_speculator(
+                    spec_config, target=spec, target_config=config, target_tokenizer=tokenizer
+                )
+            engine = cls(runner, tokenizer, config, spec.scheduler_config, cache_config, seed, speculator)
         except BaseException:
             runner.shutdown()
             raise
@@ -216,6 +248,8 @@ class Engine:
         if tracked is None:
             return None
         self.scheduler.abort(request_id)
+        if self.speculator is not None:
+            self.speculator.release(request_id)
         tracked.metrics.finished_time = time.monotonic()
         return self._output(tracked, "", [])
 
@@ -244,45 +278,117 @@ class Engine:
         return out
 
     def execute(self, out: SchedulerOutput) -> StepResult:
-        """Run the model and sample. Reads scheduler state, never writes it."""
+        """Run the model and sample (verify drafts, propose the next ones). Reads scheduler state,
+        never writes it."""
         logits = self.runner.execute(out)
+        if out.spec_token_ids or self.speculator is not None:
+            return self._execute_speculative(out, logits)
         rows = [i for i in range(len(out)) if out.samples(i)]
         states = [self._tracked[out.requests[i].request_id].sampling for i in rows]
         return StepResult(rows, self.sampler(logits[rows] if len(rows) < len(out) else logits, states))
 
+    def _execute_speculative(self, out: SchedulerOutput, logits) -> StepResult:
+        """``execute`` when requests may verify drafts: their rows of ``logits`` (one per position,
+        see ``ModelRunner.execute``) go to the speculator; the others are sampled as usual."""
+        ends = list(itertools.accumulate(out.num_logits(i) for i in range(len(out))))
+        rows, verified = [], {}
+        for i, request in enumerate(out.requests):
+            drafts = out.spec_token_ids.get(request.request_id)
+            if drafts is None:
+                if out.samples(i):
+                    rows.append(i)
+                continue
+            sampling = self._tracked[request.request_id].sampling
+            generator = sampling.generator or self.sampler.generator
+            row_logits = logits[ends[i] - len(drafts) - 1 : ends[i]]
+            verified[i] = self.speculator.verify(
+                request.request_id, row_logits, drafts, sampling.params, generator
+            )
+        states = [self._tracked[out.requests[i].request_id].sampling for i in rows]
+        sampled = self.sampler(logits[[ends[i] - 1 for i in rows]], states)
+        result = StepResult(rows, sampled, verified)
+        if self.speculator is not None:
+            result.proposals = self._propose(out, result)
+        return result
+
+    def _propose(self, out: SchedulerOutput, result: StepResult) -> dict[int, list[int]]:
+        """The drafts each request that got tokens this step verifies in its next step."""
+        emitted = dict(zip(result.rows, ([t] for t in result.sampled.token_ids)))
+        emitted.update(result.verified)
+        rows = sorted(emitted)
+        drafting = []
+        for i in rows:
+            request = out.requests[i]
+            sampling = self._tracked[request.request_id].sampling
+            generator = sampling.generator or self.sampler.generator
+            tokens = request.all_token_ids + emitted[i]
+            drafting.append(DraftRequest(request.request_id, tokens, sampling.params, generator))
+        proposals = self.speculator.propose(drafting, len(self.scheduler.running))
+        return dict(zip(rows, proposals))
+
     def process(self, out: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
-        tokens: list[int | None] = [None] * len(out)
+        tokens: list[int | list[int] | None] = [None] * len(out)
         for row, token in zip(result.rows, result.sampled.token_ids):
             tokens[row] = token
+        for row, emitted in result.verified.items():
+            tokens[row] = emitted
+        num_outputs = {row: len(out.requests[row].output_token_ids) for row in result.verified}
         self.scheduler.update(out, tokens)
         now = time.monotonic()
         outputs = []
-        for row, token, logprobs in zip(result.rows, result.sampled.token_ids, result.sampled.logprobs):
+        logprobs_of = dict(zip(result.rows, result.sampled.logprobs))
+        for row in sorted([*result.rows, *result.verified]):
             request = out.requests[row]
             tracked = self._tracked.get(request.request_id)
             if tracked is None:
                 continue  # aborted while the step ran
-            metrics = tracked.metrics
-            metrics.token_times.append(now)
-            metrics.last_token_time = now
-            if metrics.first_token_time is None:
-                metrics.first_token_time = now
-                metrics.num_cached_tokens = request.num_cached_tokens
+            if row in result.verified:  # the tokens the scheduler kept (cut at a stop or max_tokens)
+                new_tokens = request.output_token_ids[num_outputs[row] :]
+            else:
+                new_tokens = [tokens[row]]
+            logprobs = logprobs_of.get(row)
             if tracked.logprobs is not None and logprobs is not None:
                 tracked.logprobs.append(logprobs)
-            stopped_by_token = request.finish_reason is FinishReason.STOP
-            text = ""
-            if tracked.detokenizer is not None and not stopped_by_token:
-                text = tracked.detokenizer.add(token)
-            delta = tracked.text.push(text, final=request.is_finished)
-            if tracked.text.stopped_by is not None and not request.is_finished:
-                self.scheduler.finish_request(request.request_id, FinishReason.STOP)
+            delta = self._push_tokens(tracked, new_tokens, now)
             if request.is_finished:
-                metrics.finished_time = now
-                metrics.num_preemptions = request.num_preemptions
+                tracked.metrics.finished_time = now
+                tracked.metrics.num_preemptions = request.num_preemptions
                 del self._tracked[request.request_id]
-            outputs.append(self._output(tracked, delta, [token]))
+                if self.speculator is not None:
+                    self.speculator.release(request.request_id)
+            else:
+                request.spec_token_ids = result.proposals.get(row, [])
+            outputs.append(self._output(tracked, delta, new_tokens))
         return outputs
+
+    def _push_tokens(self, tracked: _Tracked, new_tokens: list[int], now: float) -> str:
+        """Detokenize a request's new tokens and check its stop strings; returns the text delta.
+        A stop string completed before the last new token drops the tokens after it, as if they had
+        never been generated (they can come from one step's accepted drafts)."""
+        request, metrics = tracked.request, tracked.metrics
+        metrics.token_times.extend([now] * len(new_tokens))
+        metrics.last_token_time = now
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+            metrics.num_cached_tokens = request.num_cached_tokens
+        stopped_by_token = request.finish_reason is FinishReason.STOP
+        delta = ""
+        for j, token in enumerate(new_tokens):
+            last = j == len(new_tokens) - 1
+            text = ""
+            if tracked.detokenizer is not None and not (last and stopped_by_token):
+                text = tracked.detokenizer.add(token)
+            delta += tracked.text.push(text, final=last and request.is_finished)
+            if tracked.text.stopped_by is not None:
+                drop = len(new_tokens) - j - 1
+                if drop:
+                    del request.output_token_ids[-drop:], metrics.token_times[-drop:], new_tokens[-drop:]
+                if not request.is_finished:
+                    self.scheduler.finish_request(request.request_id, FinishReason.STOP)
+                else:
+                    request.finish_reason = FinishReason.STOP
+                break
+        return delta
 
     def _output(self, tracked: _Tracked, delta_text: str, delta_token_ids: list[int]) -> RequestOutput:
         request, text = tracked.request, tracked.text

@@ -49,6 +49,30 @@ class _SchedulerCollector:
             metric = family(PREFIX + name, doc)
             metric.add_metric([], value)
             yield metric
+        speculator = getattr(engine, "speculator", None)
+        if speculator is not None:
+            yield from _spec_decode_metrics(speculator.stats)
+
+
+def _spec_decode_metrics(stats):
+    """vLLM's speculative-decoding counters: drafts, draft tokens, accepted tokens (in total and
+    by draft position; accepted-per-position / drafts is the acceptance rate at that position)."""
+    for name, doc, value in (
+        ("spec_decode_num_drafts", "Verifications of at least one draft token.", stats.num_drafts),
+        ("spec_decode_num_draft_tokens", "Draft tokens verified.", stats.num_draft_tokens),
+        ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", stats.num_accepted_tokens),
+    ):
+        metric = CounterMetricFamily(PREFIX + name, doc)
+        metric.add_metric([], value)
+        yield metric
+    per_position = CounterMetricFamily(
+        PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+        "Draft tokens accepted, by position.",
+        labels=["position"],
+    )
+    for position, value in enumerate(stats.accepted_per_position):
+        per_position.add_metric([str(position)], value)
+    yield per_position
 
 
 class ServerMetrics:

@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 
 from neuronserve.config import CacheConfig, SchedulerConfig
-from neuronserve.sim.simulator import SimRequest, simulate, spec_token_ids
-from neuronserve.sim.stepmodel import ModelCost
+from neuronserve.sim.simulator import SimRequest, Speculation, simulate, spec_token_ids
+from neuronserve.sim.stepmodel import ModelCost, speculative_speedup
 
 EMBEDDED = {"smollm2-135m-instruct": "smollm2-135m"}
 
@@ -32,6 +32,13 @@ def add_arguments(sim: argparse.ArgumentParser, plan: argparse.ArgumentParser) -
         p.add_argument("--max-num-seqs", type=int, default=32)
         p.add_argument("--max-model-len", type=int, default=4096)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument(
+            "--speculative",
+            default=None,
+            metavar="K:RATE",
+            help="model speculative decoding: K drafts per decode, each accepted with probability RATE "
+            "(e.g. 4:0.7 for n-gram lookup on RAG answers); prints where it pays by batch size",
+        )
     sim.add_argument(
         "--instance", default="inf2.48xlarge", help="a Neuron instance type, or cpu (this machine)"
     )
@@ -119,6 +126,39 @@ def cpu_setup(args, config):
     )
 
 
+def speculation(args) -> Speculation | None:
+    if not args.speculative:
+        return None
+    try:
+        k, rate = args.speculative.split(":")
+        spec = Speculation(int(k), float(rate))
+    except ValueError:
+        raise ValueError(f"speculative: expected K:RATE such as 4:0.7, got {args.speculative!r}") from None
+    if spec.k < 1 or not 0.0 <= spec.acceptance_rate <= 1.0:
+        raise ValueError(f"speculative: K >= 1 and RATE in [0, 1], got {args.speculative!r}")
+    return spec
+
+
+def print_speculation_pays(profile, cost, spec: Speculation, context: int) -> None:
+    """Modelled decode speedup by batch size, and the batch from which speculation loses."""
+    batches = [1, 2, 4, 8, 16, 32, 64, 128]
+    speedups = [speculative_speedup(profile, cost, b, context, spec.k, spec.acceptance_rate) for b in batches]
+    print(
+        f"speculation, k={spec.k}, acceptance {spec.acceptance_rate:.2f}, context {context} tokens: "
+        "modelled decode speedup by batch size"
+    )
+    print("| batch | " + " | ".join(map(str, batches)) + " |")
+    print("| --- |" + " --- |" * len(batches))
+    print("| speedup | " + " | ".join(f"{s:.2f}x" for s in speedups) + " |")
+    losing = next((b for b, s in zip(batches, speedups) if s < 1.0), None)
+    print(
+        f"it pays up to batch {batches[batches.index(losing) - 1]}; from batch {losing} turn it off "
+        f"(speculative_config.disable_by_batch_size={losing})\n"
+        if losing and losing != batches[0]
+        else ("it never pays here\n" if losing else "it pays at every batch size modelled\n")
+    )
+
+
 def cmd_simulate(args) -> int:
     from neuronserve.bench import report
     from neuronserve.bench.cost import price_per_hour
@@ -148,11 +188,16 @@ def cmd_simulate(args) -> int:
     if not concurrencies and not rates:
         concurrencies = [8]
     loads = [(c, math.inf) for c in concurrencies] + [(None, r) for r in rates]
+    spec = speculation(args)
+    if spec is not None:
+        context = sum(len(r.prompt_token_ids) + r.max_tokens // 2 for r in requests) // len(requests)
+        print_speculation_pays(profile, cost, spec, context)
     runs = []
     for concurrency, rate in loads:
         result = simulate(
             requests, profile, cost, sched, cache,
             concurrency=concurrency, request_rate=rate, burstiness=args.burstiness, seed=args.seed,
+            speculation=spec,
         )  # fmt: skip
         summary = result.summary(slos, price)
         summary.update(concurrency=concurrency, request_rate=rate, breakdown=result.breakdown())
@@ -188,11 +233,15 @@ def cmd_plan(args) -> int:
     if not chosen:
         raise ValueError("model: it fits no priced Neuron instance at any supported TP degree")
 
+    spec = speculation(args)
+
     def capacity(c) -> float:
         profile, cost, sched, cache = neuron_setup(args, config, c.instance, c.tp)
 
         def meets(rate: float) -> bool:
-            result = simulate(requests, profile, cost, sched, cache, request_rate=rate, seed=args.seed)
+            result = simulate(
+                requests, profile, cost, sched, cache, request_rate=rate, seed=args.seed, speculation=spec
+            )
             return attains(result.records, slos, args.attainment)
 
         return max_rate(meets)
@@ -220,4 +269,9 @@ def cmd_plan(args) -> int:
         print(
             f"\ncheapest: {best.instances} x {best.instance} at TP {best.tp}, ${best.cost_per_hour:.2f}/hour"
         )
+        if spec is not None:
+            profile, cost, _, _ = neuron_setup(args, config, best.instance, best.tp)
+            context = sum(len(r.prompt_token_ids) + r.max_tokens // 2 for r in requests) // len(requests)
+            print()
+            print_speculation_pays(profile, cost, spec, context)
     return 0

@@ -5,7 +5,9 @@ says, each step advances the clock by the modelled step time, and what a client 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 import re
 import zlib
 from collections import deque
@@ -35,6 +37,17 @@ def spec_token_ids(spec: RequestSpec, encode: Callable[[str], list[int]] = appro
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in spec.messages)
         return encode(text + "<|im_start|>assistant\n")
     return encode(spec.prompt)
+
+
+@dataclass
+class Speculation:
+    """Speculative decoding in the simulator: each decode drafts ``k`` tokens, accepted each with
+    probability ``acceptance_rate`` until the first rejection (drawn from a seeded generator);
+    no drafts in a step with at least ``disable_by_batch_size`` running requests."""
+
+    k: int
+    acceptance_rate: float
+    disable_by_batch_size: int | None = None
 
 
 @dataclass
@@ -74,11 +87,16 @@ def simulate(
     burstiness: float = 1.0,
     seed: int = 0,
     check_blocks: bool = False,
+    speculation: Speculation | None = None,
 ) -> SimResult:
     """Run ``requests`` through the real scheduler on a virtual clock: all at t=0 with at most
     ``concurrency`` in flight (closed loop), or arriving at ``request_rate`` (open loop, optionally
-    capped in flight), as ``neuronserve bench`` sends them."""
+    capped in flight), as ``neuronserve bench`` sends them. ``speculation``: model speculative
+    decoding (see ``Speculation``)."""
+    if speculation is not None:
+        scheduler_config = dataclasses.replace(scheduler_config, num_speculative_tokens=speculation.k)
     scheduler = Scheduler(scheduler_config, cache_config)
+    accept = random.Random(seed)
     arrivals = arrival_times(len(requests), request_rate, burstiness, seed)
     pending = deque(range(len(requests)))
     records: list[RequestRecord | None] = [None] * len(requests)
@@ -93,6 +111,11 @@ def simulate(
             )
             records[i] = RequestRecord(sent=max(clock, arrivals[i]), prompt_tokens=len(req.prompt_token_ids))
             in_flight += 1
+        if speculation is not None:
+            limit_b = speculation.disable_by_batch_size
+            drafting = limit_b is None or len(scheduler.running) < limit_b
+            for request in scheduler.running:
+                request.spec_token_ids = [SAMPLED_TOKEN] * speculation.k if drafting else []
         out = scheduler.schedule()
         if not out.requests:
             if not pending or arrivals[pending[0]] <= clock:  # nothing can run, nothing will arrive
@@ -101,16 +124,26 @@ def simulate(
                 break
             clock = arrivals[pending[0]]
             continue
-        step = step_time(profile, cost, list(zip(out.num_new_tokens, out.num_computed_tokens)))
+        num_logits = sum(out.num_logits(i) for i in range(len(out)))
+        step = step_time(profile, cost, list(zip(out.num_new_tokens, out.num_computed_tokens)), num_logits)
         steps.append(step)
         clock += step.total_s
-        sampled = [SAMPLED_TOKEN if out.samples(i) else None for i in range(len(out.requests))]
+        sampled: list = [SAMPLED_TOKEN if out.samples(i) else None for i in range(len(out.requests))]
+        before = [len(r.output_token_ids) for r in out.requests]
+        for i, request in enumerate(out.requests):
+            drafts = out.spec_token_ids.get(request.request_id)
+            if drafts:
+                accepted = 0
+                while accepted < len(drafts) and accept.random() < speculation.acceptance_rate:
+                    accepted += 1
+                sampled[i] = [SAMPLED_TOKEN] * (accepted + 1)
         finished = scheduler.update(out, sampled)
         for i, request in enumerate(out.requests):
             if sampled[i] is not None:
                 record = records[int(request.request_id)]
-                record.chunk_times.append(clock)
-                record.output_tokens += 1
+                new_tokens = len(request.output_token_ids) - before[i]
+                record.chunk_times.extend([clock] * new_tokens)
+                record.output_tokens += new_tokens
         for request in finished:
             record = records[int(request.request_id)]
             record.done, record.ok = clock, True

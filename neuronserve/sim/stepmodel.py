@@ -97,9 +97,12 @@ class StepBreakdown:
         return asdict(self)
 
 
-def step_time(profile: Profile, cost: ModelCost, chunks: Sequence[tuple[int, int]]) -> StepBreakdown:
+def step_time(
+    profile: Profile, cost: ModelCost, chunks: Sequence[tuple[int, int]], num_logits: int | None = None
+) -> StepBreakdown:
     """The modelled time of one step; ``chunks``: ``(new tokens, tokens computed before)`` for each
-    scheduled sequence."""
+    scheduled sequence; ``num_logits``: LM-head rows (default one per sequence; speculative
+    decoding verifies ``k + 1`` per drafting sequence)."""
     c = cost.config
     layers, hd = c.num_hidden_layers, c.head_dim
     tokens = sum(n for n, _ in chunks)
@@ -110,7 +113,7 @@ def step_time(profile: Profile, cost: ModelCost, chunks: Sequence[tuple[int, int
     weight_bytes = cost.weight_read_bytes() if tokens else 0.0
     kv_bytes = layers * 2 * cost.kv_dim * cost.kv_bytes * (context + tokens)
     flops = 2 * tokens * layers * cost.linear_params + 4 * hd * cost.q_heads * attended * layers
-    flops += 2 * seqs * cost.head_params
+    flops += 2 * (seqs if num_logits is None else num_logits) * cost.head_params
     compute_s = flops / (profile.peak_flops * profile.compute_eff)
     kv_eff = profile.kv_eff if profile.kv_eff is not None else profile.memory_eff
     memory_s = weight_bytes / (profile.mem_bytes_per_s * profile.memory_eff)
@@ -138,3 +141,22 @@ def step_time(profile: Profile, cost: ModelCost, chunks: Sequence[tuple[int, int
         overhead_s=overhead_s,
         total_s=overhead_s + busy + collective_s,
     )
+
+
+def expected_tokens_per_step(k: int, acceptance_rate: float) -> float:
+    """Tokens a drafting sequence emits per step when each of its ``k`` drafts is accepted with
+    probability ``acceptance_rate`` (independently, until the first rejection), plus the target's
+    own token: ``(1 - a^(k+1)) / (1 - a)``."""
+    a = acceptance_rate
+    return float(k + 1) if a >= 1.0 else (1 - a ** (k + 1)) / (1 - a)
+
+
+def speculative_speedup(
+    profile: Profile, cost: ModelCost, batch: int, context: int, k: int, acceptance_rate: float
+) -> float:
+    """Modelled decode speedup of speculation for ``batch`` sequences at ``context`` tokens: tokens
+    per step gained over the cost of a step of ``k + 1`` tokens per sequence. Above 1 it pays;
+    it falls with the batch as the step turns from weight reads to compute."""
+    plain = step_time(profile, cost, [(1, context)] * batch).total_s
+    spec = step_time(profile, cost, [(k + 1, context)] * batch, num_logits=batch * (k + 1)).total_s
+    return expected_tokens_per_step(k, acceptance_rate) * plain / spec

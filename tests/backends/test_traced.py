@@ -124,3 +124,20 @@ def test_the_compile_command_builds_then_reuses_every_graph(tmp_path, capsys):
     assert "4 graphs (0 compiled, 4 from the cache)" in capsys.readouterr().out
     assert main([*argv, "--backend", "cpu"]) == 2
     assert "backend: cpu compiles nothing" in capsys.readouterr().err
+
+
+def test_speculative_steps_keep_one_graph_per_bucket_with_fixed_logit_rows(model, tmp_path):
+    """With k = 2 each bucket returns min(T, B * 3) logit rows: a decode verifying two drafts next
+    to a plain decode and a prefill chunk matches eager, and no graph was added."""
+    import dataclasses
+
+    sched = dataclasses.replace(SCHED, num_speculative_tokens=2)
+    traced = CPUTracedRunner(copy.deepcopy(model), model.config, CACHE, sched, _compile(tmp_path))
+    eager = CPUModelRunner(copy.deepcopy(model), model.config, CACHE, sched)
+    assert len(traced.graphs) == 4 and {b.logit_rows for b in traced.buckets} == {8, 12}
+    prefill = [SeqChunk([5, 17, 3, 99, 4, 6], 0, [1, 2]), SeqChunk([7, 7, 200, 8], 0, [5])]
+    spec = [SeqChunk([9, 41, 42], 6, [1, 2, 3], 3), SeqChunk([11], 4, [5, 9]), SeqChunk([1, 2, 3], 0, [6])]
+    for chunks in (prefill, spec):
+        logits = traced.run_chunks(chunks)
+        assert logits.shape[0] == sum(c.num_logits for c in chunks)
+        torch.testing.assert_close(logits, eager.run_chunks(chunks), atol=1e-5, rtol=0)

@@ -13,6 +13,7 @@ def make_scheduler(
     token_buckets: tuple[int, ...] = (8, 16, 32),
     max_waiting: int | None = 16,
     enable_prefix_caching: bool = True,
+    num_speculative_tokens: int = 0,
 ) -> Scheduler:
     return Scheduler(
         SchedulerConfig(
@@ -21,6 +22,7 @@ def make_scheduler(
             max_model_len=max_model_len,
             token_buckets=token_buckets,
             max_waiting=max_waiting,
+            num_speculative_tokens=num_speculative_tokens,
         ),
         CacheConfig(
             block_size=block_size,

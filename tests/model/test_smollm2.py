@@ -103,3 +103,30 @@ def test_incremental_detokenizer_streams_exact_text(smollm2, text):
     assert not any("\ufffd" in d for d in deltas)
     if any(ord(c) > 0x7FF for c in text):
         assert "" in deltas  # some token ended mid-character and was held back
+
+
+def test_ngram_speculation_keeps_the_greedy_tokens_of_the_parity_prompts(smollm2, prompt_ids):
+    """Prompt lookup on the real model: the answers quote their questions, so drafts are accepted,
+    and the tokens equal plain greedy decoding's (which equal transformers', above)."""
+    from neuronserve.config import SpeculativeConfig
+    from neuronserve.engine.engine import Engine
+    from neuronserve.engine.params import SamplingParams
+    from neuronserve.engine.spec import build_speculator
+
+    model, config, tok = smollm2
+    sched_cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=128, max_model_len=256)
+    cache_cfg = CacheConfig(block_size=16, num_blocks=64)
+    runner = get_backend("cpu").build_runner(model, config, cache_cfg, sched_cfg)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    outputs = []
+    for spec in (None, SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_min=1, prompt_lookup_max=3)):
+        speculator = build_speculator(spec) if spec else None
+        engine = Engine(runner, tok, config, sched_cfg, cache_cfg, speculator=speculator)
+        ids = [engine.add_request(p, params) for p in prompt_ids]
+        done = {}
+        while engine.has_unfinished():
+            done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+        engine.scheduler.block_manager.check_integrity()
+        outputs.append([done[i] for i in ids])
+    assert outputs[1] == outputs[0]
+    assert speculator.stats.num_accepted_tokens > 0
