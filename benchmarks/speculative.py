@@ -13,7 +13,7 @@ with the fastest CPU settings (native kernels, int8 weights including the LM hea
 Every figure is given twice: by wall time, and by the process's CPU time per torch thread
 ("CPU tok/s": tokens / (CPU seconds / threads)). This machine's 2 cores are shared with other
 jobs, which moved wall-time figures of the same run by up to 6x here; CPU time does not count the
-time other processes held the cores (it does count OpenMP's spin-waits, in both arms alike).
+time other processes held the cores. OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``).
 
 Writes benchmarks/results/speculative.json and speculative.md.
 
@@ -29,7 +29,11 @@ import platform
 import time
 from pathlib import Path
 
-import torch
+# Threads that wait sleep instead of spinning: on cores shared with other jobs, spinning OpenMP
+# barriers collapsed both arms' throughput by 10x or more and swamped the comparison.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 from neuronserve.bench.workloads import shopping
 from neuronserve.config import CacheConfig, SchedulerConfig
