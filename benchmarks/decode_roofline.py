@@ -35,8 +35,9 @@ def neuronserve_speed(
     model, config, prompt: list[int], decode_tokens: int, kernels: str = "native"
 ) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) of one sequence: the prompt's chunks, then the median decode step."""
-    sched_cfg = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=512, max_model_len=4096)
-    cache_cfg = CacheConfig(block_size=16, num_blocks=(len(prompt) + decode_tokens) // 16 + 8)
+    max_len = len(prompt) + decode_tokens + 1
+    sched_cfg = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=512, max_model_len=max_len)
+    cache_cfg = CacheConfig(block_size=16, num_blocks=max_len // 16 + 8)
     scheduler = Scheduler(sched_cfg, cache_cfg)
     runner = get_backend("cpu").build_runner(model, config, cache_cfg, sched_cfg, kernels=kernels)
     scheduler.add_request(Request("r", prompt, max_tokens=decode_tokens + 1, eos_token_id=None))
