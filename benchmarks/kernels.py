@@ -167,7 +167,11 @@ def linear_layers(k: int, n: int) -> dict:
     [n, k] weight; the call takes the weight so that the cold runs can pass copies of it."""
     torch.manual_seed(0)
     fp32 = torch.nn.Linear(k, n, bias=False)
-    int8, fp8, int4 = Int8Linear.from_linear(fp32), FP8Linear.from_linear(fp32), Int4Linear.from_linear(fp32, 32)
+    int8, fp8, int4 = (
+        Int8Linear.from_linear(fp32),
+        FP8Linear.from_linear(fp32),
+        Int4Linear.from_linear(fp32, 32),
+    )
     wsum = weight_block_sums(int8.qweight)
     formats = {
         "fp32": (TransposedLinear(fp32), lambda x, w: ops.linear(x, w), fp32.weight.detach()),
@@ -190,12 +194,16 @@ def linear_cases(rows: list[int], shapes: list[str], bandwidth: float, peak: flo
                 x = torch.randn(m, k)
                 cold = {}
                 with torch.inference_mode():
-                    t_native = timed(lambda native=native, x=x: native(x, weight))
+                    t_native = timed(lambda native=native, x=x, weight=weight: native(x, weight))
                     t_torch = timed(lambda layer=layer, x=x: layer(x))
                     if m == 1:  # GEMV: also from DRAM, one weight copy per call in turn
                         copies = [weight.clone() for _ in range(cold_copies(weight_bytes))]
                         turn = iter(range(1 << 62))
-                        t_cold = timed(lambda: native(x, copies[next(turn) % len(copies)]))
+                        t_cold = timed(
+                            lambda native=native, x=x, copies=copies, turn=turn: native(
+                                x, copies[next(turn) % len(copies)]
+                            )
+                        )
                         del copies
                         cold = {
                             "cold_native_ms": round(t_cold * 1e3, 3),
@@ -295,7 +303,9 @@ def targets(attention: list[dict], linear: list[dict], steps: list[dict]) -> lis
     for r in attention:
         if r["case"].startswith("32 seq x 512") and "cold_bandwidth_fraction" in r:
             f = r["cold_bandwidth_fraction"]
-            check(f"attention decode 32x512 {r['kv_cache']} KV >= 70% of DRAM bandwidth", f, f >= 0.7, "{:.0%}")
+            check(
+                f"attention decode 32x512 {r['kv_cache']} KV >= 70% of DRAM bandwidth", f, f >= 0.7, "{:.0%}"
+            )
     for r in linear:
         if r["format"] == "int8" and r["M"] == 1 and "cold_bandwidth_fraction" in r:
             f = r["cold_bandwidth_fraction"]
@@ -332,7 +342,11 @@ def main() -> None:
             attention.append(attention_case(config, dtype, 1, 2000, 1, bandwidth))
             attention.append(attention_case(config, dtype, 1, 256, 256, bandwidth))
     for r in attention:
-        cold = f"  cold {r['cold_kv_gb_s']:6.1f} GB/s ({r['cold_bandwidth_fraction']:.0%})" if "cold_kv_gb_s" in r else ""
+        cold = (
+            f"  cold {r['cold_kv_gb_s']:6.1f} GB/s ({r['cold_bandwidth_fraction']:.0%})"
+            if "cold_kv_gb_s" in r
+            else ""
+        )
         print(f"  {r['case']:<28}{r['kv_cache']:<14}native {r['native_ms']:8.3f} ms  torch "
               f"{r['torch_ms']:8.3f} ms  {r['speedup']:6.2f}x  {r['kv_gb_s']:6.1f} GB/s "
               f"({r['bandwidth_fraction']:.0%}){cold}")  # fmt: skip

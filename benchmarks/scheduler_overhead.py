@@ -127,7 +127,9 @@ def main() -> None:
     print(f"{'load':<22}{'prefix cache':>13}{'median µs':>11}{'p99 µs':>9}{'running':>9}{'target':>14}")
     for r in rows:
         target = r["target_median_us"]
-        verdict = "" if target is None else f"<={target:.0f} " + ("met" if r["median_us"] <= target else "MISSED")
+        verdict = (
+            "" if target is None else f"<={target:.0f} " + ("met" if r["median_us"] <= target else "MISSED")
+        )
         print(
             f"{r['load']:<22}{'on' if r['prefix_caching'] else 'off':>13}{r['median_us']:>11.1f}"
             f"{r['p99_us']:>9.1f}{r['running_at_end']:>9}{verdict:>14}"

@@ -449,10 +449,10 @@ class Scheduler:
             request.status = RequestStatus.FINISHED  # marked now, freed below
         # An entry may be stale (the row left and joined again) or repeated: check each.
         for request in batch.finish_at.pop(batch.clock, ()):
-            if request._batch is batch and request.status is running_status:
-                if request.num_tokens >= request.max_num_tokens:
-                    request.status = RequestStatus.FINISHED
-                    lengths.append(request)
+            alive = request._batch is batch and request.status is running_status
+            if alive and request.num_tokens >= request.max_num_tokens:
+                request.status = RequestStatus.FINISHED
+                lengths.append(request)
         finished = [(r, FinishReason.STOP) for r in stopped] + [(r, FinishReason.LENGTH) for r in lengths]
         if finished:
             batch.leave(r for r, _ in finished)
@@ -461,7 +461,9 @@ class Scheduler:
         joined: list[Request] = []
         bs, bm = self.block_size, self.block_manager
         caching = bm.enable_prefix_caching
-        for request, n, token in zip(requests[n_dec:], output.num_new_tokens[n_dec:], sampled_token_ids[n_dec:]):
+        for request, n, token in zip(
+            requests[n_dec:], output.num_new_tokens[n_dec:], sampled_token_ids[n_dec:]
+        ):
             if request.status is not running_status or request._batch is not None:
                 continue  # aborted or finished since schedule()
             computed = request.num_computed_tokens + n
