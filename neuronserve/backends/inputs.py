@@ -124,33 +124,31 @@ def build_step_inputs(
 class DecodeInputs:
     """Step tensors of decode-only steps, kept from step to step.
 
-    While the scheduler's decode batch keeps its rows (``SchedulerOutput.batch_version``), a step
+    While the scheduler's decode batch keeps its rows and their offsets (the same
+    ``SchedulerOutput.decode_offsets`` list: joins, leaves and accepted drafts replace it), a step
     moves every position by one and changes the block table only of the rows that enter a new
-    block, so the tensors are updated in place instead of being rebuilt from Python lists. Any other
-    step (prefill chunks, rows joining or leaving, a skipped step) returns ``None`` and the next
-    decode-only step starts afresh.
+    block, so the tensors are updated in place instead of being rebuilt from Python lists. A step
+    with prefill chunks or drafts returns ``None``; after it, or when rows join or leave or a step
+    was skipped, the tensors are rebuilt.
     """
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
-        self._version: int | None = None
-        self._source: Sequence[int] = ()  # the scheduler's offsets list the tensors were built from
+        self._source: Sequence[int] | None = None  # the offsets list the tensors were built from
         self._clock = 0
         self._offsets = self._tables = self._arange = torch.empty(0, dtype=torch.int64)
 
     def build(self, out: SchedulerOutput) -> StepInputs | None:
         num_seqs = out.num_decodes
         if num_seqs == 0 or num_seqs != len(out.requests) or out.spec_token_ids:
-            self._version = None
+            self._source = None
             return None
         bs, rows = self.block_size, out.requests
-        # The same rows at the same offsets (accepted drafts move rows on: a new offsets list).
-        same = out.batch_version == self._version and out.decode_offsets is self._source
-        positions = self._offsets + out.clock if same else None
-        if positions is None or out.clock != self._clock + 1:
+        fresh = out.decode_offsets is not self._source or out.clock != self._clock + 1
+        if fresh:
             self._start(out)
-            positions = self._offsets + out.clock
-        else:
+        positions = self._offsets + out.clock
+        if not fresh:
             entering = torch.nonzero(positions % bs == 0).flatten().tolist()
             if entering:
                 needed = int(positions.max()) // bs + 1
@@ -189,7 +187,6 @@ class DecodeInputs:
         self._offsets = torch.tensor(out.decode_offsets, dtype=torch.int64)
         self._source = out.decode_offsets
         self._arange = torch.arange(len(tables) + 1, dtype=torch.int64)
-        self._version = out.batch_version
 
 
 def check_token_ids(chunks: Sequence[SeqChunk], vocab_size: int) -> None:

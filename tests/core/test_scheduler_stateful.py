@@ -19,6 +19,8 @@ PREFIXES = [list(range(10, 22)), list(range(40, 49)), [7] * 8]  # shared heads o
 
 
 class SchedulerMachine(RuleBasedStateMachine):
+    num_speculative_tokens = 0  # the speculative drive (tests/core/test_speculative.py) sets it
+
     def __init__(self) -> None:
         super().__init__()
         # 12 usable blocks = 48 tokens: two long requests already contend for the pool.
@@ -30,6 +32,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             max_model_len=MAX_MODEL_LEN,
             token_buckets=(4, 8, 16),
             max_waiting=6,
+            num_speculative_tokens=self.num_speculative_tokens,
         )
         self.runner = FakeRunner(BLOCK_SIZE)
         self.added: dict[str, Request] = {}

@@ -9,7 +9,7 @@ from hypothesis.stateful import rule
 from neuronserve.core import Request, RequestStatus
 from tests.core.conftest import make_scheduler, req
 from tests.core.fake_runner import FakeRunner, next_token
-from tests.core.test_scheduler_stateful import BLOCK_SIZE, MAX_MODEL_LEN, SchedulerMachine
+from tests.core.test_scheduler_stateful import SchedulerMachine
 
 
 def _decoding(s, r: Request, runner: FakeRunner | None = None) -> None:
@@ -123,19 +123,10 @@ class SpeculativeMachine(SchedulerMachine):
     """The scheduler's stateful test, with random drafts before every step: right for a random
     number of positions, then wrong, so acceptance, rollback and block trimming all happen."""
 
+    num_speculative_tokens = 3
+
     def __init__(self) -> None:
         super().__init__()
-        self.s = make_scheduler(
-            block_size=BLOCK_SIZE,
-            num_blocks=13,
-            max_num_seqs=4,
-            max_num_batched_tokens=16,
-            max_model_len=MAX_MODEL_LEN,
-            token_buckets=(4, 8, 16),
-            max_waiting=6,
-            num_speculative_tokens=3,
-        )
-        self.runner = FakeRunner(BLOCK_SIZE)
         self.num_right = 2
 
     @rule(num_right=st.integers(0, 4))
