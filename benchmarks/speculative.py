@@ -165,25 +165,20 @@ def markdown(result: dict) -> str:
         "| decode speedup (wall) | acceptance | tokens/verification | identical |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+
+    def row(label: str, r: dict, decode_cell: str, count: int) -> str:
+        s = r["spec"]
+        return (
+            f"| {label} | {r['method']} | {r['k']} | {r['off_tok_s']:.1f} | {r['on_tok_s']:.1f} "
+            f"| {r['speedup']:.2f}x | {r['off_cpu_tok_s']:.1f} | {r['on_cpu_tok_s']:.1f} "
+            f"| {r['cpu_speedup']:.2f}x |{decode_cell}| {s['acceptance_rate']:.2f} "
+            f"| {s['tokens_per_verification']:.2f} | {r['identical_outputs']}/{count} |"
+        )
+
     for r in result["single_stream"]:
-        s = r["spec"]
-        lines.append(
-            f"| 1 stream | {r['method']} | {r['k']} | {r['off_tok_s']:.1f} | {r['on_tok_s']:.1f} "
-            f"| {r['speedup']:.2f}x | {r['off_cpu_tok_s']:.1f} | {r['on_cpu_tok_s']:.1f} "
-            f"| {r['cpu_speedup']:.2f}x "
-            f"| {r['decode_speedup']:.2f}x | {s['acceptance_rate']:.2f} | {s['tokens_per_verification']:.2f} "
-            f"| {r['identical_outputs']}/{r['prompts']} |"
-        )
+        lines.append(row("1 stream", r, f" {r['decode_speedup']:.2f}x ", r["prompts"]))
     for r in result["concurrent"]:
-        s = r["spec"]
-        lines.append(
-            f"| c={r['concurrency']} ({r['mode']}) | {r['method']} | {r['k']} | {r['off_tok_s']:.1f} "
-            f"| {r['on_tok_s']:.1f} "
-            f"| {r['speedup']:.2f}x | {r['off_cpu_tok_s']:.1f} | {r['on_cpu_tok_s']:.1f} "
-            f"| {r['cpu_speedup']:.2f}x "
-            f"| | {s['acceptance_rate']:.2f} | {s['tokens_per_verification']:.2f} "
-            f"| {r['identical_outputs']}/{r['concurrency']} |"
-        )
+        lines.append(row(f"c={r['concurrency']} ({r['mode']})", r, " ", r["concurrency"]))
     for r in result["concurrent"]:
         same = r["off_batched_equals_alone"]
         lines.append(
