@@ -31,8 +31,13 @@ assistant: $(STAMP)
 highlights: $(STAMP)
 	$(PY) -m examples.review_highlights
 
+# Two test processes (pytest-xdist), one torch thread each: on 2 cores that halves the wall time,
+# where two processes of two OpenMP threads each would fight for the cores. The Ray tests share
+# one worker (xdist_group "ray"), so one Ray cluster starts.
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
+
 test: $(STAMP) browser
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # The shopping assistant's browser test drives Debian's chromium + chromium-driver (selenium).
 # Installed here, never from inside a test run; without root or apt-get that test is skipped.
@@ -44,7 +49,7 @@ browser:
 	else echo "chromium not installed and apt-get unavailable: the browser test will be skipped"; fi
 
 test-all: $(STAMP) browser
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check neuronserve tests benchmarks examples

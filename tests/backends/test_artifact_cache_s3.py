@@ -59,7 +59,7 @@ def _objects(client, key):
 
 
 def test_s3_cache_round_trip_corruption_and_unlisted_objects(s3):
-    _, model = make_pair("mha-5-tied")
+    _, model = make_pair("mha-5-tied", num_layers=1)
     first = _runner(model)
     key, names = first.cache.key, [b.name for b in first.buckets]
     assert first.compiled == first.buckets
@@ -94,7 +94,7 @@ def test_s3_cache_round_trip_corruption_and_unlisted_objects(s3):
 
 
 def test_a_compile_that_dies_keeps_the_finished_graphs(s3, monkeypatch):
-    _, model = make_pair("mqa-7-1")
+    _, model = make_pair("mqa-7-1", num_layers=1)
     calls = []
     real = CPUTracedRunner.compile_bucket
 

@@ -107,6 +107,7 @@ def _run_cli(src: Path, out: Path, model: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow  # two batch processes of 200 lines; run by make test-all
 def test_killed_halfway_then_resumed_answers_every_line_once(tiny_model_dir, tmp_path):
     src, out = write_input(tmp_path / "in.jsonl", 200), tmp_path / "out.jsonl"
     first = _run_cli(src, out, tiny_model_dir, "--executor", "local")
@@ -130,6 +131,7 @@ def test_killed_halfway_then_resumed_answers_every_line_once(tiny_model_dir, tmp
 
 
 @needs_ray
+@pytest.mark.xdist_group("ray")  # the same worker, so the same Ray cluster, as test_serve
 def test_ray_data_across_two_workers(ray_cluster, tiny_spec, tmp_path):
     src, out = write_input(tmp_path / "in.jsonl", 24, bad=True), tmp_path / "out.jsonl"
     summary = run_batch(

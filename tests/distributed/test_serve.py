@@ -15,7 +15,8 @@ import pytest
 
 from tests.distributed.conftest import needs_ray
 
-pytestmark = needs_ray
+# One Ray cluster per test process: under xdist every Ray test runs on the same worker.
+pytestmark = [needs_ray, pytest.mark.xdist_group("ray")]
 SYSTEM = "You are the shopping assistant of an outdoor store. Recommend products and cite them. " * 4
 
 
@@ -118,6 +119,7 @@ def _is_clean(status: int | None, stream: bool, text: str) -> bool:
     return finished or "error" in payloads[-1]
 
 
+@pytest.mark.slow  # ~35 s of Ray restarting a replica; run by make test-all
 def test_a_killed_replica_fails_cleanly_and_the_service_heals(service):
     before = replica_stats()
     victim = next(iter(before.values()))["pid"]

@@ -34,12 +34,12 @@ TINY_CONFIGS = {
 }
 
 
-def make_pair(name: str, seed: int = 0) -> tuple[HFLlama, LlamaForCausalLM]:
+def make_pair(name: str, seed: int = 0, num_layers: int = 3) -> tuple[HFLlama, LlamaForCausalLM]:
     torch.manual_seed(seed)
     hf_cfg = LlamaConfig(
         vocab_size=211,
         intermediate_size=96,
-        num_hidden_layers=3,
+        num_hidden_layers=num_layers,
         max_position_embeddings=256,
         **TINY_CONFIGS[name],
     )

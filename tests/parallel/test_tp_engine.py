@@ -155,6 +155,7 @@ def test_async_engine_ends_every_stream_when_a_worker_dies(tiny_dir):
     assert _wait_gone([pid], 5) == []
 
 
+@pytest.mark.slow  # a process tree killed and waited for; run by make test-all
 def test_workers_exit_when_the_engine_process_is_killed(tiny_dir):
     script = textwrap.dedent(
         f"""
@@ -189,6 +190,7 @@ def test_a_script_without_a_main_guard_is_told_how_to_fix_it(tiny_dir, tmp_path)
     assert 'if __name__ == "__main__":' in done.stderr and last_error[-1].strip() == "main()"
 
 
+@pytest.mark.slow  # a TP-2 server process end to end; run by make test-all
 def test_serve_with_tensor_parallel_size_2(tiny_dir):
     with LLM(tiny_dir, max_num_seqs=2, num_blocks=64, max_model_len=256) as tp1:
         expected = tp1.generate([PROMPTS[0]], GREEDY, use_tqdm=False)[0].outputs[0].text

@@ -12,6 +12,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from neuronserve.bench import workloads
 from neuronserve.bench.clients import OpenAIClient
@@ -38,6 +39,7 @@ def test_cli_bench_against_a_live_server(server, tmp_path):
     server.wait_idle()
 
 
+@pytest.mark.slow  # a SmolLM2 server process killed mid-run; run by make test-all
 def test_failures_are_counted_and_a_dead_target_ends_the_run(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
