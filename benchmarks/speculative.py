@@ -13,7 +13,10 @@ with the fastest CPU settings (native kernels, int8 weights including the LM hea
 Every figure is given twice: by wall time, and by the process's CPU time per torch thread
 ("CPU tok/s": tokens / (CPU seconds / threads)). This machine's 2 cores are shared with other
 jobs, which moved wall-time figures of the same run by up to 6x here; CPU time does not count the
-time other processes held the cores. OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``).
+time other processes held the cores. OpenMP keeps its default wait policy, as the engine runs in
+service: with ``OMP_WAIT_POLICY=PASSIVE`` (which an earlier version set, to survive a crowded
+machine) every one of a step's ~150 parallel regions pays a thread wake-up, and single-stream
+decode took 36-56 ms a token instead of 20. Run it on a quiet machine.
 
 Writes benchmarks/results/speculative.json and speculative.md.
 
@@ -29,11 +32,7 @@ import platform
 import time
 from pathlib import Path
 
-# Threads that wait sleep instead of spinning: on cores shared with other jobs, spinning OpenMP
-# barriers collapsed both arms' throughput by 10x or more and swamped the comparison.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
+import torch
 
 from neuronserve.bench.workloads import shopping
 from neuronserve.config import CacheConfig, SchedulerConfig

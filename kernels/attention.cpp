@@ -17,9 +17,11 @@
 //   scales are folded in: the K scale into q (with the softmax scale), the V scale into 1 / l.
 // - The next chunk's K and V rows are prefetched (into L2) while this one is computed.
 // - Threads (OpenMP) take tasks, longest first: a tile and key range for every KV head in turn,
-//   as a block's pages hold all heads. When whole tiles would leave threads idle (few sequences,
-//   long contexts), a tile's keys are split into partitions whose partial (m, l, o) are merged
-//   afterwards (flash-decoding).
+//   as a block's pages hold all heads. Long tiles' keys are split into fixed partitions whose
+//   partial (m, l, o) are merged afterwards (flash-decoding), so that few sequences with long
+//   contexts keep every thread busy.
+// - Batch invariance: how a token's row is computed (score method, key partitions, summation
+//   order) depends only on its own sequence, never on the rest of the call or the thread count.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -523,7 +525,8 @@ void write_kv(const WriteKvArgs& a) {
 namespace {
 
 constexpr int64_t kKeyCost = 8;           // staging one key costs about as much as this many rows
-constexpr int64_t kMinPartKeys = 8 * W;   // shortest key partition worth a task of its own
+constexpr int64_t kPartKeys = 256;        // keys of a long tile's partitions (a multiple of W)
+static_assert(kPartKeys % W == 0, "partitions start on a chunk boundary");
 constexpr double kParallelCost = 4096;    // below this much work, threads cost more than they save
 
 // The call's constants; the cache is addressed in bytes.
@@ -741,16 +744,20 @@ inline void softmax_row(float* s, int valid, float& m, float& l, float* o, int64
     vstore(s, e);
 }
 
-// Up to this many rows, scores are dot products of K rows as they lie (a fold per row and
-// chunk); beyond, K is transposed once per chunk and shared by all rows.
-constexpr int64_t kDotMaxRows = 8;
+// A sequence with up to this many query tokens in the call (a decode token, or one with its
+// speculative drafts) gets dot-product scores of K rows as they lie (a fold per row and chunk);
+// longer ones (prefill) transpose K once per chunk and share it among all rows. The choice is the
+// sequence's own, never the batch's: with per-row arithmetic the same in both, a token's attention
+// output is bit for bit the same whether it is decoded alone, with its drafts or in any batch (so
+// greedy speculative decoding emits exactly the tokens of plain decoding).
+constexpr int64_t kDotMaxTokens = 16;
 
 // The unit's scores against the chunk whose K rows are at krows (W of them, the ones past the
 // sequence's keys pointing at zeros).
 template <int DT>
-void chunk_scores(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows) {
+void chunk_scores(const Problem& p, Workspace& ws, int64_t rows, bool dot, const uint8_t* const* krows) {
     const int64_t hdp = p.hdp;
-    if (rows <= kDotMaxRows) {
+    if (dot) {
         for (int64_t r0 = 0; r0 < rows; r0 += DOT_ROWS) {
             const int rr = int(std::min<int64_t>(DOT_ROWS, rows - r0));
             qk_dot_rows<DT, DOT_ROWS>(rr, ws.q + r0 * hdp, hdp, krows, p.hd, ws.s + r0 * W);
@@ -860,6 +867,7 @@ void finish_unit(const Problem& p, const Unit& u, const Workspace& ws, int64_t r
 template <int DT>
 void run_unit(const Problem& p, const Unit& u, Workspace& ws, float* partial) {
     const int64_t rows = (u.t1 - u.t0) * p.group;
+    const bool dot = p.a.query_start_loc[u.seq + 1] - p.a.query_start_loc[u.seq] <= kDotMaxTokens;
     stage_queries(p, u, ws);
     KeyCursor keys(p, u.seq, u.kh, u.k0);
     const uint8_t *cur[W], *next[W];
@@ -876,7 +884,7 @@ void run_unit(const Problem& p, const Unit& u, Workspace& ws, float* partial) {
         n_next = int(std::clamp<int64_t>(u.k1 - kc - W, 0, W));
         keys.next(n_next, next);
         for (int j = 0; j < n_next; ++j) prefetch_row(p, next[j]);
-        chunk_scores<DT>(p, ws, rows, cur);
+        chunk_scores<DT>(p, ws, rows, dot, cur);
         chunk_softmax(p, ws, rows, kc, n);
         for (int j = 0; j < n_next; ++j) prefetch_row(p, next[j] + p.v_bytes);
         chunk_values<DT>(p, ws, rows, cur, n);
@@ -919,15 +927,14 @@ struct Plan {
     double cost = 0;
 };
 
-// Split the tiles' keys into partitions when whole tiles would leave threads idle (few
-// sequences, long contexts): about 8 tasks per thread, so that dynamic scheduling evens them out.
-void split_long_tiles(const Problem& p, Plan& plan, int threads) {
-    const double target = plan.cost / (8.0 * threads);
+// Split long tiles' keys into partitions of kPartKeys (from key 0), so that few sequences with
+// long contexts still keep every thread busy (flash-decoding). The partitions depend on the
+// tile's keys alone, not on the batch or the thread count: a row's keys are then summed in the
+// same parts, merged in the same order, whatever else the call holds (see kDotMaxTokens).
+void split_long_tiles(const Problem& p, Plan& plan) {
     std::vector<Task> tasks;
     for (const Task& u : plan.tasks) {
-        const int64_t keys = u.k1 - u.k0;
-        const int64_t want = std::min<int64_t>(int64_t(std::ceil(u.cost / target)), keys / kMinPartKeys);
-        const int64_t len = want > 1 ? round_up((keys + want - 1) / want, W) : keys;
+        const int64_t keys = u.k1 - u.k0, len = kPartKeys;
         const int64_t parts = (keys + len - 1) / len;
         if (parts <= 1) {
             tasks.push_back(u);
@@ -948,7 +955,7 @@ void split_long_tiles(const Problem& p, Plan& plan, int threads) {
     plan.tasks.swap(tasks);
 }
 
-Plan make_plan(const Problem& p, int threads) {
+Plan make_plan(const Problem& p) {
     const AttentionArgs& a = p.a;
     Plan plan;
     for (int64_t b = 0; b < a.num_seqs; ++b) {
@@ -961,7 +968,7 @@ Plan make_plan(const Problem& p, int threads) {
             plan.cost += cost;
         }
     }
-    if (threads > 1) split_long_tiles(p, plan, threads);
+    split_long_tiles(p, plan);
     // Longest first: the dynamic schedule then ends with short tasks filling the gaps.
     const auto longer = [](const Task& x, const Task& y) { return x.cost > y.cost; };
     std::stable_sort(plan.tasks.begin(), plan.tasks.end(), longer);
@@ -1006,7 +1013,7 @@ void paged_attention(const AttentionArgs& a) {
     zero_unowned(a);
     const int threads = std::max(1, a.num_threads);
     const Problem p = make_problem(a);
-    const Plan plan = make_plan(p, threads);
+    const Plan plan = make_plan(p);
     std::vector<float> scratch(size_t(plan.scratch_floats));
     const RunUnit run = p.dtype == KV_I8    ? run_unit<KV_I8>
                         : p.dtype == KV_FP8 ? run_unit<KV_FP8>

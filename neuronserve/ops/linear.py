@@ -2,12 +2,14 @@
 
 Weights stay in the layout ``nn.Linear`` and ``neuronserve.quant`` keep them ([out, in] rows; int4
 two values a byte), so the swap copies nothing. fp32, int8 and fp8 rows are read and widened in
-registers, with fp32 activations (exact up to summation order). On AVX-512 VNNI, int8 layers with
-more than ``VNNI_MIN_ROWS`` rows instead quantize the activations per row in blocks of 32 (one
-scale each, as llama.cpp's Q8_0) and multiply in int8: several times the fp32 FLOP rate where a
-step is compute-bound. fp32 layers with more than ``NATIVE_F32_MAX_ROWS`` rows (prefill) go to
-torch's GEMM (MKL), which is faster there; so do int8 / fp8 layers without the VNNI path from
-``DEQUANTIZED_MIN_ROWS`` rows, their weight dequantized for the call.
+registers, with fp32 activations (exact up to summation order). On AVX-512 VNNI, int8 layers
+instead quantize the activations per row in blocks of 32 (one scale each, as llama.cpp's Q8_0) and
+multiply in int8: several times the fp32 FLOP rate where a step is compute-bound. They do so at
+every row count (``VNNI_MIN_ROWS``), so that a row's result never depends on how many rows share
+its call: a token decoded alone, with its speculative drafts or in any batch gets the same logits.
+fp32 layers with more than ``NATIVE_F32_MAX_ROWS`` rows (prefill) go to torch's GEMM (MKL), which
+is faster there; so do int8 / fp8 layers without the VNNI path from ``DEQUANTIZED_MIN_ROWS`` rows,
+their weight dequantized for the call (those large steps are the exception to batch invariance).
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ Q8_BLOCK = 32
 
 # Measured on the 2-core Zen 4 machine on SmolLM2-135M's shapes (benchmarks/kernels.py): int8
 # activations (VNNI) overtake the exact int8 kernel at 4 rows (a tie on the small layers, 1.2x on the
-# LM head; 1.2-1.8x at 8 rows); the native fp32 kernel beats F.linear (MKL) up to 256 rows
-# (1.1-1.4x at 128-256; 0.8-1.25x at 512).
+# LM head; 1.2-1.8x at 8 rows) and lose up to ~10% at 1 row, the price of batch invariance (above);
+# the native fp32 kernel beats F.linear (MKL) up to 256 rows (1.1-1.4x at 128-256; 0.8-1.25x at 512).
 # On a 2-core AVX2 Zen host (no VNNI), one thread, SmolLM2's gate_up and down layers: int8 and fp8
 # weights widened in registers reach 30-37 GFLOP/s at any row count, while dequantizing the whole
 # weight once and running torch's fp32 GEMM reaches 35-68 GFLOP/s from 256 rows (1.0-1.8x; slower
 # below 128 rows): prefill chunks of int8 / fp8 layers without the VNNI path go that way.
-VNNI_MIN_ROWS = 4
+VNNI_MIN_ROWS = 1
 NATIVE_F32_MAX_ROWS = 256
 DEQUANTIZED_MIN_ROWS = 256
 
