@@ -8,10 +8,9 @@
 //   and a range of its keys. Its rows are every query head of the head's GQA group for every
 //   token of the tile, so each K/V row, once loaded, serves all of them: in decode K and V are
 //   read from memory once per (sequence, KV head), in place through the block table.
-// - Keys go by chunks of W (the vector width). Scores: for a few rows (a decode token's group),
-//   dot products of the K rows as they lie, W keys' sums folded into one vector per row; for
-//   many (a prefill tile), K transposed once per chunk into kt[d][key], a row's W scores then
-//   hd FMAs of a broadcast q[d]. Values: o[row] += p[key] * V[key] in register tiles, V read in
+// - Keys go by chunks of W (the vector width). Scores: dot products of the K rows as they lie,
+//   W keys' sums folded into one vector per row, a few rows a pass (an earlier transposed-K
+//   path for prefill tiles was ~8% faster there, but gave a row other bits than decode). Values: o[row] += p[key] * V[key] in register tiles, V read in
 //   place (converted as loaded) or converted once per chunk.
 // - Softmax is online in fp32 (running max m, sum l per row; o rescaled when m grows). int8/fp8
 //   scales are folded in: the K scale into q (with the softmax scale), the V scale into 1 / l.
@@ -20,7 +19,7 @@
 //   as a block's pages hold all heads. Long tiles' keys are split into fixed partitions whose
 //   partial (m, l, o) are merged afterwards (flash-decoding), so that few sequences with long
 //   contexts keep every thread busy.
-// - Batch invariance: how a token's row is computed (score method, key partitions, summation
+// - Batch invariance: how a token's row is computed (score arithmetic, key partitions, summation
 //   order) depends only on its own sequence, never on the rest of the call or the thread count.
 #include <algorithm>
 #include <cmath>
@@ -173,31 +172,6 @@ inline void f32_to_fp8(uint8_t* dst, vf y) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(q));
 }
 
-// kt[i][j] = r[j][i]: a 16x16 block (16 keys' values for 16 dimensions) transposed in registers.
-inline void transpose_block(__m512 r[16], float* kt) {
-    __m512 t[16];
-    for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved within 128-bit lanes
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; ++i) {  // r[4i + k], lane L: rows 4i..4i+3 of column 4L + k
-        r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-    }
-    for (int k = 0; k < 4; ++k) {  // gather lane L of r[k], r[4 + k], r[8 + k], r[12 + k]
-        const __m512 x0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x44);
-        const __m512 x1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xEE);
-        const __m512 y0 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x44);
-        const __m512 y1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xEE);
-        _mm512_storeu_ps(kt + k * 16, _mm512_shuffle_f32x4(x0, y0, 0x88));
-        _mm512_storeu_ps(kt + (4 + k) * 16, _mm512_shuffle_f32x4(x0, y0, 0xDD));
-        _mm512_storeu_ps(kt + (8 + k) * 16, _mm512_shuffle_f32x4(x1, y1, 0x88));
-        _mm512_storeu_ps(kt + (12 + k) * 16, _mm512_shuffle_f32x4(x1, y1, 0xDD));
-    }
-}
-
 // Four keys' dot-product vectors (per-dimension partial sums) folded into one vector whose
 // 128-bit lane L holds, for each of the four keys, the sum over lane L's dimensions.
 inline vf fold4(vf a, vf b, vf c, vf d) {
@@ -212,7 +186,6 @@ inline vf fold_lanes(const vf* u) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
 }
 
-constexpr int QK_ROWS = 8;               // score rows per register tile (16 accumulators)
 constexpr int DOT_ROWS = 4;              // rows per pass of the dot-product scores (16 accumulators)
 constexpr int PV_ROWS = 4, PV_VECS = 4;  // output tile: 4 rows x 64 floats
 
@@ -304,25 +277,6 @@ inline void f32_to_fp8(uint8_t* dst, vf y) {
     _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(w, w));
 }
 
-// kt[i][j] = r[j][i]: an 8x8 block transposed in registers.
-inline void transpose_block(__m256 r[8], float* kt) {
-    __m256 t[8];
-    for (int i = 0; i < 4; ++i) {
-        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 2; ++i) {  // r[4i + k], lane L: rows 4i..4i+3 of column 4L + k
-        r[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-        r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-        r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-        r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-    }
-    for (int k = 0; k < 4; ++k) {
-        _mm256_storeu_ps(kt + k * 8, _mm256_permute2f128_ps(r[k], r[4 + k], 0x20));
-        _mm256_storeu_ps(kt + (4 + k) * 8, _mm256_permute2f128_ps(r[k], r[4 + k], 0x31));
-    }
-}
-
 inline vf fold4(vf a, vf b, vf c, vf d) {  // as the AVX-512 one
     const vf ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
     const vf cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
@@ -332,7 +286,6 @@ inline vf fold_lanes(const vf* u) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
 }
 
-constexpr int QK_ROWS = 4;               // 8 accumulators (two per row), of 16 ymm registers
 constexpr int DOT_ROWS = 3;              // 12 accumulators
 constexpr int PV_ROWS = 4, PV_VECS = 2;  // 8 accumulators, 2 V vectors
 
@@ -395,12 +348,6 @@ inline void f32_to_i8(uint8_t* dst, const vf& y) {
 inline void f32_to_fp8(uint8_t* dst, const vf& y) {
     for (int i = 0; i < W; ++i) dst[i] = fp8_encode(y.x[i]);
 }
-inline void transpose_block(vf r[W], float* kt) {
-    for (int i = 0; i < W; ++i) {
-        for (int j = 0; j < W; ++j) kt[i * W + j] = r[j].x[i];
-    }
-}
-
 // fold4: the four sums in lanes 0..3; fold_lanes: those of W / 4 fold4s side by side.
 inline vf fold4(const vf& a, const vf& b, const vf& c, const vf& d) {
     vf r{};
@@ -413,7 +360,6 @@ inline vf fold_lanes(const vf* u) {
     return r;
 }
 
-constexpr int QK_ROWS = 4;
 constexpr int DOT_ROWS = 4;
 constexpr int PV_ROWS = 2, PV_VECS = 2;
 
@@ -450,23 +396,6 @@ void load_row(float* dst, const uint8_t* src, int64_t hd) {
     int64_t d = 0;
     for (; d + W <= hd; d += W) vstore(dst + d, load_cvt<DT>(src + d * es));
     if (d < hd) vstore(dst + d, load_cvt_tail<DT>(src + d * es, hd - d));
-}
-
-// A chunk's K rows (W of them: keys past the sequence's point at zeros), converted and
-// transposed: kt[d][key] for d < hdp, zeros for the dimensions past hd.
-template <int DT>
-void transpose_rows(const uint8_t* const* rows, int64_t hd, float* kt) {
-    constexpr int64_t es = DT == KV_F32 ? 4 : 1;
-    for (int64_t d0 = 0; d0 < hd; d0 += W) {
-        vf r[W];
-        if (d0 + W <= hd) {
-#pragma GCC unroll 16
-            for (int j = 0; j < W; ++j) r[j] = load_cvt<DT>(rows[j] + d0 * es);
-        } else {
-            for (int j = 0; j < W; ++j) r[j] = load_cvt_tail<DT>(rows[j] + d0 * es, hd - d0);
-        }
-        transpose_block(r, kt + d0 * W);
-    }
 }
 
 // One head's hd fp32 values into the cache row dst, quantized with the head's scale. Division
@@ -569,14 +498,14 @@ inline int64_t partial_floats(const Problem& p, int64_t rows) { return rows * (p
 class Workspace {
    public:
     Workspace(int64_t rows, int64_t hdp) {
-        const int64_t sizes[] = {rows * hdp, rows * hdp, rows * W, W * hdp, W * hdp, rows, rows, hdp};
+        const int64_t sizes[] = {rows * hdp, rows * hdp, rows * W, W * hdp, rows, rows, hdp};
         int64_t total = 0;
         for (int64_t n : sizes) total += round_up(n, 16);
         mem_ = static_cast<float*>(std::aligned_alloc(64, size_t(total) * sizeof(float)));
         float* zero;
-        float** slots[] = {&q, &o, &s, &kt, &vb, &m, &l, &zero};
+        float** slots[] = {&q, &o, &s, &vb, &m, &l, &zero};
         float* at = mem_;
-        for (int i = 0; i < 8; ++i) {
+        for (int i = 0; i < 7; ++i) {
             *slots[i] = at;
             at += round_up(sizes[i], 16);
         }
@@ -591,7 +520,6 @@ class Workspace {
     float* q;   // [rows][hdp]: queries times the softmax scale and K scale
     float* o;   // [rows][hdp]: unnormalized outputs
     float* s;   // [rows][W]: a chunk's scores, then probabilities
-    float* kt;  // [hdp][W]: a chunk's K rows, fp32, transposed
     float* vb;  // [W][hdp]: a chunk's V rows, fp32 (unless read in place)
     const uint8_t* v[W];  // the chunk's V rows (in the cache, or in vb)
     float* m;   // [rows]: running max
@@ -638,33 +566,9 @@ inline void prefetch_row(const Problem& p, const uint8_t* row) {
     }
 }
 
-// Scores of R query rows against the chunk: s[r][key] = sum_d q[r][d] kt[d][key]. Two
-// accumulators per row (even and odd d) so that few rows still keep the FMA units busy.
-template <int R>
-void qk_tile(const float* q, int64_t hdp, const float* kt, float* s) {
-    vf even[R], odd[R];
-    for (int r = 0; r < R; ++r) even[r] = odd[r] = vzero();
-    for (int64_t d = 0; d < hdp; d += 2) {  // hdp is even: a multiple of W
-        const vf k0 = vload(kt + d * W), k1 = vload(kt + (d + 1) * W);
-        for (int r = 0; r < R; ++r) {
-            even[r] = vfmadd(vset1(q[r * hdp + d]), k0, even[r]);
-            odd[r] = vfmadd(vset1(q[r * hdp + d + 1]), k1, odd[r]);
-        }
-    }
-    for (int r = 0; r < R; ++r) vstore(s + r * W, vadd(even[r], odd[r]));
-}
-
-template <int R>
-void qk_rows(int rows, const float* q, int64_t hdp, const float* kt, float* s) {
-    if constexpr (R > 1) {
-        if (rows < R) return qk_rows<R - 1>(rows, q, hdp, kt, s);
-    }
-    qk_tile<R>(q, hdp, kt, s);
-}
-
 // Scores of R query rows against the chunk's n keys read as rows (no transpose): a vector of
-// per-dimension products per (row, key), folded into one score vector per row. Cheaper than
-// transposing K when the rows are few (a decode token's GQA group).
+// per-dimension products per (row, key), folded into one score vector per row. Each row has its
+// own accumulators, so its result is the same whatever R is.
 template <int DT, int R>
 void qk_dot(const float* q, int64_t hdp, const uint8_t* const* rows, int64_t hd, float* s) {
     constexpr int64_t es = DT == KV_F32 ? 4 : 1;
@@ -744,29 +648,16 @@ inline void softmax_row(float* s, int valid, float& m, float& l, float* o, int64
     vstore(s, e);
 }
 
-// A sequence with up to this many query tokens in the call (a decode token, or one with its
-// speculative drafts) gets dot-product scores of K rows as they lie (a fold per row and chunk);
-// longer ones (prefill) transpose K once per chunk and share it among all rows. The choice is the
-// sequence's own, never the batch's: with per-row arithmetic the same in both, a token's attention
-// output is bit for bit the same whether it is decoded alone, with its drafts or in any batch (so
-// greedy speculative decoding emits exactly the tokens of plain decoding).
-constexpr int64_t kDotMaxTokens = 16;
-
 // The unit's scores against the chunk whose K rows are at krows (W of them, the ones past the
-// sequence's keys pointing at zeros).
+// sequence's keys pointing at zeros): dot products of the K rows as they lie, DOT_ROWS rows a
+// pass. One method for every row, decode or prefill: a row's arithmetic (and so its bits) never
+// depends on how many rows share the unit, which makes the kernel batch invariant (see the top).
 template <int DT>
-void chunk_scores(const Problem& p, Workspace& ws, int64_t rows, bool dot, const uint8_t* const* krows) {
-    const int64_t hdp = p.hdp;
-    if (dot) {
-        for (int64_t r0 = 0; r0 < rows; r0 += DOT_ROWS) {
-            const int rr = int(std::min<int64_t>(DOT_ROWS, rows - r0));
-            qk_dot_rows<DT, DOT_ROWS>(rr, ws.q + r0 * hdp, hdp, krows, p.hd, ws.s + r0 * W);
-        }
-        return;
+void chunk_scores(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows) {
+    for (int64_t r0 = 0; r0 < rows; r0 += DOT_ROWS) {
+        const int rr = int(std::min<int64_t>(DOT_ROWS, rows - r0));
+        qk_dot_rows<DT, DOT_ROWS>(rr, ws.q + r0 * p.hdp, p.hdp, krows, p.hd, ws.s + r0 * W);
     }
-    transpose_rows<DT>(krows, p.hd, ws.kt);
-    for (int64_t r0 = 0; r0 < rows; r0 += QK_ROWS)
-        qk_rows<QK_ROWS>(int(std::min<int64_t>(QK_ROWS, rows - r0)), ws.q + r0 * hdp, hdp, ws.kt, ws.s + r0 * W);
 }
 
 // Scores into probabilities, row by row, for the chunk of n keys from key kc (causal: a row at
@@ -867,7 +758,6 @@ void finish_unit(const Problem& p, const Unit& u, const Workspace& ws, int64_t r
 template <int DT>
 void run_unit(const Problem& p, const Unit& u, Workspace& ws, float* partial) {
     const int64_t rows = (u.t1 - u.t0) * p.group;
-    const bool dot = p.a.query_start_loc[u.seq + 1] - p.a.query_start_loc[u.seq] <= kDotMaxTokens;
     stage_queries(p, u, ws);
     KeyCursor keys(p, u.seq, u.kh, u.k0);
     const uint8_t *cur[W], *next[W];
@@ -884,7 +774,7 @@ void run_unit(const Problem& p, const Unit& u, Workspace& ws, float* partial) {
         n_next = int(std::clamp<int64_t>(u.k1 - kc - W, 0, W));
         keys.next(n_next, next);
         for (int j = 0; j < n_next; ++j) prefetch_row(p, next[j]);
-        chunk_scores<DT>(p, ws, rows, dot, cur);
+        chunk_scores<DT>(p, ws, rows, cur);
         chunk_softmax(p, ws, rows, kc, n);
         for (int j = 0; j < n_next; ++j) prefetch_row(p, next[j] + p.v_bytes);
         chunk_values<DT>(p, ws, rows, cur, n);
@@ -930,7 +820,7 @@ struct Plan {
 // Split long tiles' keys into partitions of kPartKeys (from key 0), so that few sequences with
 // long contexts still keep every thread busy (flash-decoding). The partitions depend on the
 // tile's keys alone, not on the batch or the thread count: a row's keys are then summed in the
-// same parts, merged in the same order, whatever else the call holds (see kDotMaxTokens).
+// same parts, merged in the same order, whatever else the call holds.
 void split_long_tiles(const Problem& p, Plan& plan) {
     std::vector<Task> tasks;
     for (const Task& u : plan.tasks) {

@@ -57,3 +57,17 @@ def test_a_tokens_logits_do_not_depend_on_what_shares_its_step(smollm2, variant)
     assert torch.equal(batched[1], alone)
     # The drafts' rows are the same bits too, with or without the other sequences.
     torch.testing.assert_close(batched[1:6], with_drafts, atol=0, rtol=0)
+
+    # Prefill split into other chunks (as a busy step's token budget splits it) writes the same KV
+    # and ends on the same logits. (Steps of at most 256 tokens: fp32 layers hand larger ones to
+    # torch's GEMM, see neuronserve.ops.linear.)
+    def prefill(table: list[int], cuts: list[int]) -> torch.Tensor:
+        bounds = [0, *cuts, CONTEXT]
+        for lo, hi in zip(bounds, bounds[1:]):
+            last = runner.run_chunks([SeqChunk(prompt_a[lo:hi], lo, table)])
+        return last
+
+    with torch.inference_mode():
+        two = prefill(list(range(33, 53)), [150])
+        three = prefill(list(range(1, 21)), [100, 200])
+    assert torch.equal(two, three)
