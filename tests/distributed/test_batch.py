@@ -131,6 +131,7 @@ def test_killed_halfway_then_resumed_answers_every_line_once(tiny_model_dir, tmp
 
 
 @needs_ray
+@pytest.mark.slow  # a Ray cluster (~10 s) and Ray Data's workers; run by make test-all
 @pytest.mark.xdist_group("ray")  # the same worker, so the same Ray cluster, as test_serve
 def test_ray_data_across_two_workers(ray_cluster, tiny_spec, tmp_path):
     src, out = write_input(tmp_path / "in.jsonl", 24, bad=True), tmp_path / "out.jsonl"

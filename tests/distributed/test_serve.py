@@ -15,8 +15,9 @@ import pytest
 
 from tests.distributed.conftest import needs_ray
 
-# One Ray cluster per test process: under xdist every Ray test runs on the same worker.
-pytestmark = [needs_ray, pytest.mark.xdist_group("ray")]
+# One Ray cluster per test process: under xdist every Ray test runs on the same worker. Slow (make
+# test-all): the cluster and the two-replica service take ~50 s to start on 2 cores.
+pytestmark = [needs_ray, pytest.mark.xdist_group("ray"), pytest.mark.slow]
 SYSTEM = "You are the shopping assistant of an outdoor store. Recommend products and cite them. " * 4
 
 
@@ -119,7 +120,6 @@ def _is_clean(status: int | None, stream: bool, text: str) -> bool:
     return finished or "error" in payloads[-1]
 
 
-@pytest.mark.slow  # ~35 s of Ray restarting a replica; run by make test-all
 def test_a_killed_replica_fails_cleanly_and_the_service_heals(service):
     before = replica_stats()
     victim = next(iter(before.values()))["pid"]
