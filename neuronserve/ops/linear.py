@@ -27,7 +27,7 @@ Q8_BLOCK = 32
 
 # Measured on the 2-core Zen 4 machine on SmolLM2-135M's shapes (benchmarks/kernels.py): int8
 # activations (VNNI) overtake the exact int8 kernel at 4 rows (a tie on the small layers, 1.2x on the
-# LM head; 1.2-1.8x at 8 rows) and lose up to ~10% at 1 row, the price of batch invariance (above);
+# LM head; 1.2-1.8x at 8 rows) and lose 10-30% at 1 row from DRAM, the price of batch invariance;
 # the native fp32 kernel beats F.linear (MKL) up to 256 rows (1.1-1.4x at 128-256; 0.8-1.25x at 512).
 # On a 2-core AVX2 Zen host (no VNNI), one thread, SmolLM2's gate_up and down layers: int8 and fp8
 # weights widened in registers reach 30-37 GFLOP/s at any row count, while dequantizing the whole
