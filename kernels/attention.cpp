@@ -10,8 +10,9 @@
 //   read from memory once per (sequence, KV head), in place through the block table.
 // - Keys go by chunks of W (the vector width). Scores: dot products of the K rows as they lie,
 //   W keys' sums folded into one vector per row, a few rows a pass (an earlier transposed-K
-//   path for prefill tiles was ~8% faster there, but gave a row other bits than decode). Values: o[row] += p[key] * V[key] in register tiles, V read in
-//   place (converted as loaded) or converted once per chunk.
+//   path for prefill tiles was ~8% faster there, but gave a row other bits than decode).
+//   Values: o[row] += p[key] * V[key] in register tiles, V read in place (converted as loaded)
+//   or converted once per chunk.
 // - Softmax is online in fp32 (running max m, sum l per row; o rescaled when m grows). int8/fp8
 //   scales are folded in: the K scale into q (with the softmax scale), the V scale into 1 / l.
 // - The next chunk's K and V rows are prefetched (into L2) while this one is computed.

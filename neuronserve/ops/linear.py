@@ -5,8 +5,8 @@ two values a byte), so the swap copies nothing. fp32, int8 and fp8 rows are read
 registers, with fp32 activations (exact up to summation order). On AVX-512 VNNI, int8 layers
 instead quantize the activations per row in blocks of 32 (one scale each, as llama.cpp's Q8_0) and
 multiply in int8: several times the fp32 FLOP rate where a step is compute-bound. They do so at
-every row count (``VNNI_MIN_ROWS``), so that a row's result never depends on how many rows share
-its call: a token decoded alone, with its speculative drafts or in any batch gets the same logits.
+every row count, so that a row's result never depends on how many rows share its call: a token
+decoded alone, with its speculative drafts or in any batch gets the same logits.
 fp32 layers with more than ``NATIVE_F32_MAX_ROWS`` rows (prefill) go to torch's GEMM (MKL), which
 is faster there; so do int8 / fp8 layers without the VNNI path from ``DEQUANTIZED_MIN_ROWS`` rows,
 their weight dequantized for the call (those large steps are the exception to batch invariance).
@@ -33,7 +33,6 @@ Q8_BLOCK = 32
 # weights widened in registers reach 30-37 GFLOP/s at any row count, while dequantizing the whole
 # weight once and running torch's fp32 GEMM reaches 35-68 GFLOP/s from 256 rows (1.0-1.8x; slower
 # below 128 rows): prefill chunks of int8 / fp8 layers without the VNNI path go that way.
-VNNI_MIN_ROWS = 1
 NATIVE_F32_MAX_ROWS = 256
 DEQUANTIZED_MIN_ROWS = 256
 
@@ -180,22 +179,21 @@ class NativeLinear(nn.Module):
             y = F.linear(flat, dense, self.bias)
         else:
             flat = flat.contiguous()
-            wsum = self.wsum if rows >= VNNI_MIN_ROWS else None
             if _lib.LIB is not None and flat.dtype == torch.float32 and call_directly(flat):
-                y = self._direct(flat, rows, wsum)
+                y = self._direct(flat, rows)
             else:
                 y = linear(flat, self.weight, self.wtype, self.scale, self.minimum, self.group_size,
-                           self.bias, wsum)  # fmt: skip
+                           self.bias, self.wsum)  # fmt: skip
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.collective is None else self.collective(y)
 
-    def _direct(self, flat: torch.Tensor, rows: int, wsum: torch.Tensor | None) -> torch.Tensor:
+    def _direct(self, flat: torch.Tensor, rows: int) -> torch.Tensor:
         """The C call of ``neuronserve::linear`` for this layer's weights (checked at construction)."""
         y = torch.empty(rows, self.out_features)
         status = _lib.LIB.ns_linear(
             flat.data_ptr(), y.data_ptr(), rows, self.in_features, self.out_features,
             self.weight.data_ptr(), self.wtype, _ptr(self.scale), _ptr(self.minimum), self.group_size,
-            _ptr(self.bias), _ptr(wsum), native_isa(), torch.get_num_threads(),
+            _ptr(self.bias), _ptr(self.wsum), native_isa(), torch.get_num_threads(),
         )  # fmt: skip
         if status:
             _lib.check(status)
