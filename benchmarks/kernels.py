@@ -41,7 +41,6 @@ from neuronserve.bench.machine import gemm_peak_gflops, memory_bandwidth_gbs
 from neuronserve.config import CacheConfig, SchedulerConfig
 from neuronserve.model.llama import Attention, EagerAttentionPlan
 from neuronserve.model.loader import load_model
-from neuronserve.ops.linear import weight_block_sums
 from neuronserve.quant import quantize_model
 from neuronserve.quant.linear import FP8Linear, Int4Linear, Int8Linear
 
@@ -172,7 +171,6 @@ def linear_layers(k: int, n: int) -> dict:
         FP8Linear.from_linear(fp32),
         Int4Linear.from_linear(fp32, 32),
     )
-    wsum = weight_block_sums(int8.qweight)
     formats = {
         "fp32": (TransposedLinear(fp32), lambda x, w: ops.linear(x, w), fp32.weight.detach()),
         "int8": (int8, lambda x, w: ops.linear(x, w, 1, int8.scale), int8.qweight),
@@ -180,7 +178,11 @@ def linear_layers(k: int, n: int) -> dict:
         "int4": (int4, lambda x, w: ops.linear(x, w, 3, int4.scale, int4.minimum, 32), int4.qweight),
     }
     if ops.best_isa() == "avx512_vnni":
-        formats["int8_vnni"] = (int8, lambda x, w: ops.linear(x, w, 1, int8.scale, wsum=wsum), int8.qweight)
+        formats["int8_vnni"] = (
+            int8,
+            lambda x, w: ops.linear(x, w, 1, int8.scale, int8_activations=True),
+            int8.qweight,
+        )
     return formats
 
 

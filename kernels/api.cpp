@@ -55,45 +55,11 @@ int check_cache(int kv_dtype, int64_t num_blocks, int64_t block_size, int64_t kv
     return 0;
 }
 
-}  // namespace
-
-extern "C" {
-
-const char* ns_last_error() { return last_error.c_str(); }
-
-// 0 scalar, 1 AVX2/FMA, 2 AVX-512, 3 AVX-512 with VNNI.
-int ns_best_isa() { return pick(-1); }
-
-int ns_write_kv(const float* k, const float* v, int64_t num_tokens, const int64_t* slot_mapping, void* cache,
-                int kv_dtype, int64_t num_blocks, int64_t block_size, int64_t kvh, int64_t hd,
-                const float* kv_scale, int isa, int num_threads) {
-    if (check_cache(kv_dtype, num_blocks, block_size, kvh, hd)) return -1;
-    const int64_t num_slots = num_blocks * block_size;
-    for (int64_t t = 0; t < num_tokens; ++t) {
-        if (slot_mapping[t] < 0 || slot_mapping[t] >= num_slots)
-            return fail("slot_mapping: slot %lld of token %lld is outside the cache's %lld slots",
-                        (long long)slot_mapping[t], (long long)t, (long long)num_slots);
-    }
-    ns::WriteKvArgs a{k, v, num_tokens, slot_mapping,
-                      {cache, kv_dtype, num_blocks, block_size, kvh, hd, kv_scale}, num_threads};
-    switch (pick(isa)) {
-        case ISA_SCALAR: ns::scalar::write_kv(a); break;
-#ifndef NS_SCALAR_ONLY
-        case ISA_AVX2: ns::avx2::write_kv(a); break;
-        default: ns::avx512::write_kv(a); break;
-#else
-        default: ns::scalar::write_kv(a); break;
-#endif
-    }
-    return 0;
-}
-
-int ns_paged_attention(const float* q, float* out, int64_t num_tokens, int64_t num_heads,
-                       const int64_t* block_tables, int64_t num_seqs, int64_t max_blocks,
-                       const int64_t* query_start_loc, const int64_t* context_lens, float scale,
-                       const void* cache, int kv_dtype, int64_t num_blocks, int64_t block_size, int64_t kvh,
-                       int64_t hd, const float* kv_scale, int isa, int num_threads) {
-    if (check_cache(kv_dtype, num_blocks, block_size, kvh, hd)) return -1;
+// Every sequence's query tokens within the step and its context within its block table, whose
+// entries it will read lie inside the cache.
+int check_sequences(int64_t num_tokens, int64_t num_heads, const int64_t* block_tables, int64_t num_seqs,
+                    int64_t max_blocks, const int64_t* query_start_loc, const int64_t* context_lens,
+                    int64_t num_blocks, int64_t block_size, int64_t kvh) {
     if (num_heads <= 0 || num_heads % kvh)
         return fail("q: %lld query heads are not a multiple of the cache's %lld KV heads", (long long)num_heads,
                     (long long)kvh);
@@ -115,6 +81,55 @@ int ns_paged_attention(const float* q, float* out, int64_t num_tokens, int64_t n
                             (long long)block, (long long)b, (long long)j, (long long)num_blocks);
         }
     }
+    return 0;
+}
+
+int check_slots(const int64_t* slot_mapping, int64_t num_tokens, int64_t num_slots) {
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        if (slot_mapping[t] < 0 || slot_mapping[t] >= num_slots)
+            return fail("slot_mapping: slot %lld of token %lld is outside the cache's %lld slots",
+                        (long long)slot_mapping[t], (long long)t, (long long)num_slots);
+    }
+    return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* ns_last_error() { return last_error.c_str(); }
+
+// 0 scalar, 1 AVX2/FMA, 2 AVX-512, 3 AVX-512 with VNNI.
+int ns_best_isa() { return pick(-1); }
+
+int ns_write_kv(const float* k, const float* v, int64_t num_tokens, const int64_t* slot_mapping, void* cache,
+                int kv_dtype, int64_t num_blocks, int64_t block_size, int64_t kvh, int64_t hd,
+                const float* kv_scale, int isa, int num_threads) {
+    if (check_cache(kv_dtype, num_blocks, block_size, kvh, hd)) return -1;
+    if (check_slots(slot_mapping, num_tokens, num_blocks * block_size)) return -1;
+    ns::WriteKvArgs a{k, v, num_tokens, slot_mapping,
+                      {cache, kv_dtype, num_blocks, block_size, kvh, hd, kv_scale}, num_threads};
+    switch (pick(isa)) {
+        case ISA_SCALAR: ns::scalar::write_kv(a); break;
+#ifndef NS_SCALAR_ONLY
+        case ISA_AVX2: ns::avx2::write_kv(a); break;
+        default: ns::avx512::write_kv(a); break;
+#else
+        default: ns::scalar::write_kv(a); break;
+#endif
+    }
+    return 0;
+}
+
+int ns_paged_attention(const float* q, float* out, int64_t num_tokens, int64_t num_heads,
+                       const int64_t* block_tables, int64_t num_seqs, int64_t max_blocks,
+                       const int64_t* query_start_loc, const int64_t* context_lens, float scale,
+                       const void* cache, int kv_dtype, int64_t num_blocks, int64_t block_size, int64_t kvh,
+                       int64_t hd, const float* kv_scale, int isa, int num_threads) {
+    if (check_cache(kv_dtype, num_blocks, block_size, kvh, hd)) return -1;
+    if (check_sequences(num_tokens, num_heads, block_tables, num_seqs, max_blocks, query_start_loc, context_lens,
+                        num_blocks, block_size, kvh))
+        return -1;
     ns::AttentionArgs a{q, out, num_tokens, num_heads, block_tables, num_seqs, max_blocks, query_start_loc,
                         context_lens, scale, {const_cast<void*>(cache), kv_dtype, num_blocks, block_size, kvh, hd,
                         kv_scale}, num_threads};
@@ -132,7 +147,7 @@ int ns_paged_attention(const float* q, float* out, int64_t num_tokens, int64_t n
 
 int ns_linear(const float* x, float* y, int64_t M, int64_t K, int64_t N, const void* w, int wtype,
               const float* scale, const float* minimum, int64_t group_size, const float* bias,
-              const int32_t* wsum, int isa, int num_threads) {
+              int int8_activations, int isa, int num_threads) {
     if (M < 0 || K <= 0 || N <= 0) return fail("x: bad shape (M=%lld, K=%lld, N=%lld)", (long long)M, (long long)K, (long long)N);
     if (wtype < ns::W_F32 || wtype > ns::W_I4) return fail("weight: unknown type code %d", wtype);
     if (wtype == ns::W_I4 && (group_size <= 0 || group_size % 2 || K % group_size))
@@ -140,11 +155,12 @@ int ns_linear(const float* x, float* y, int64_t M, int64_t K, int64_t N, const v
                     (long long)K);
     ns::LinearArgs a{x, y, M, K, N, w, wtype, scale, minimum, group_size, bias, num_threads};
     const int chosen = pick(isa);
-    if (wsum != nullptr) {  // the dynamically quantized int8 path
-        if (wtype != ns::W_I8 || K % 32) return fail("wsum: the VNNI path takes int8 weights with K a multiple of 32");
-        if (chosen != ISA_AVX512_VNNI) return fail("wsum: this CPU has no AVX-512 VNNI");
+    if (int8_activations) {  // the dynamically quantized int8 path
+        if (wtype != ns::W_I8 || K % 32)
+            return fail("int8_activations: the VNNI path takes int8 weights with K a multiple of 32");
+        if (chosen != ISA_AVX512_VNNI) return fail("int8_activations: this CPU has no AVX-512 VNNI");
 #ifndef NS_SCALAR_ONLY
-        ns::avx512vnni::linear_int8(ns::LinearVnniArgs{a, wsum});
+        ns::avx512vnni::linear_int8(a);
 #endif
         return 0;
     }
@@ -155,6 +171,40 @@ int ns_linear(const float* x, float* y, int64_t M, int64_t K, int64_t N, const v
         default: ns::avx512::linear(a); break;
 #else
         default: ns::scalar::linear(a); break;
+#endif
+    }
+    return 0;
+}
+
+
+// The decoder stack (decoder.cpp). The layers' weights are checked when the stack is built
+// (neuronserve/ops/layers.py); here, the step: its sequences, slots and the VNNI path's needs.
+int ns_decoder_layers(const ns::DecoderLayer* layers, int64_t num_layers, const ns::DecoderStep* step, int isa) {
+    const ns::DecoderStep& s = *step;
+    if (num_layers < 0) return fail("layers: %lld layers", (long long)num_layers);
+    if (s.num_tokens < 0 || s.hidden <= 0 || s.intermediate <= 0)
+        return fail("x: bad shape (%lld tokens, hidden %lld, intermediate %lld)", (long long)s.num_tokens,
+                    (long long)s.hidden, (long long)s.intermediate);
+    if (check_cache(s.kv_dtype, s.num_blocks, s.block_size, s.kv_heads, s.head_dim)) return -1;
+    if (s.head_dim % 2) return fail("head_dim: %lld is odd (RoPE rotates halves)", (long long)s.head_dim);
+    if (check_slots(s.slot_mapping, s.num_tokens, s.num_blocks * s.block_size)) return -1;
+    if (check_sequences(s.num_tokens, s.num_heads, s.block_tables, s.num_seqs, s.max_blocks, s.query_start_loc,
+                        s.context_lens, s.num_blocks, s.block_size, s.kv_heads))
+        return -1;
+    const int chosen = pick(isa);
+    for (int64_t i = 0; i < num_layers; ++i) {
+        for (const ns::LayerLinear* l : {&layers[i].qkv, &layers[i].o, &layers[i].gate_up, &layers[i].down}) {
+            if (l->int8_activations && chosen != ISA_AVX512_VNNI)
+                return fail("int8_activations: this CPU has no AVX-512 VNNI");
+        }
+    }
+    switch (chosen) {
+        case ISA_SCALAR: ns::scalar::decoder_layers(layers, num_layers, s); break;
+#ifndef NS_SCALAR_ONLY
+        case ISA_AVX2: ns::avx2::decoder_layers(layers, num_layers, s); break;
+        default: ns::avx512::decoder_layers(layers, num_layers, s); break;
+#else
+        default: ns::scalar::decoder_layers(layers, num_layers, s); break;
 #endif
     }
     return 0;

@@ -1,19 +1,21 @@
-// int8 GEMM / GEMV on AVX-512 VNNI with activations quantized on the fly (see LinearVnniArgs):
+// int8 GEMM / GEMV on AVX-512 VNNI with activations quantized on the fly (LinearArgs, wtype W_I8):
 // y[m, n] = scale[n] * sum_blk xscale[m, blk] * sum_{k in blk} q[m, k] * w[n, k] (+ bias[n]),
 // q = round(x / xscale) per block of 32 inputs, xscale = max |x| / 127 (q8_activations in
 // neuronserve/ops/linear.py). vpdpbusd multiplies unsigned by signed bytes, so x is stored as
-// u = q + 128 and the offset's share, 128 * sum_blk xscale * wsum[n, blk], is taken off at the end,
-// in fp32, 16 blocks per multiply-add (rather than an integer correction per block and weight row;
-// the offset term is of the order of the sum itself, so this costs a couple of ulps at most).
+// u = q + 128. Each 64-byte weight vector's share of the offset, 128 * (its four-byte sums), is
+// itself one vpdpbusd (of 128s with the weights); negated, it is the accumulator the x rows' vpdpbusd
+// start from, so every integer lane holds sum q * w exactly (any int8 weight, -128 included), with no
+// per-row weight sums to store or read. (That costs two instructions per weight vector, shared by the
+// tile's x rows.)
 //
 // Layout: a zmm of 64 bytes spans two blocks; after vpdpbusd its dword lanes 0..7 hold four-product
 // sums of the first block and lanes 8..15 of the second, so one int32 -> fp32 conversion and one
 // multiply-add with the two blocks' scales (lanes 0..7 / 8..15) fold them into a float accumulator.
-// (Different blocks' integer sums cannot share lanes, their scales differ: these three instructions
-// per 64 multiply-adds are the floor, against four fp32 FMAs.) The tile and the loops are gemm.cpp's:
-// MR x rows against NR weight rows, one accumulator per pair, reduced four at a time; W read in
-// place ([N, K] int8 rows); threads take contiguous slices of W's rows that stay in L2, after
-// quantizing x's rows together; the first x tile fetches the next weight tile ahead.
+// (Different blocks' integer sums cannot share lanes, their scales differ.) The tile and the loops
+// are gemm.cpp's: MR x rows against NR weight rows, one accumulator per pair, reduced four at a time;
+// W read in place ([N, K] int8 rows); threads take contiguous slices of W's rows that stay in L2;
+// the first x tile fetches the next weight tile ahead. The result is exact integer products scaled
+// in fp32, so a row's result does not depend on the rows that share its call.
 #include <algorithm>
 #include <vector>
 
@@ -40,11 +42,10 @@ constexpr int64_t SLICE_BYTES = 256 << 10;
 constexpr int64_t MIN_MACS_PER_THREAD = 1 << 16;
 
 // x quantized, for all rows: u = q + 128 [M, K]; per 64-input chunk the two blocks' scales as a
-// vector (lanes 0..7: first block, 8..15: second; zero past K); and -128 * xscale per block.
+// vector (lanes 0..7: first block, 8..15: second; zero past K).
 struct QuantX {
     std::vector<uint8_t> u;
     std::vector<float> chunk_scale;  // [M, chunks, 16]
-    std::vector<float> neg_offset;   // [M, blocks]
     int64_t K, chunks, blocks;
 };
 
@@ -70,10 +71,8 @@ float quantize_block(const float* x, uint8_t* u) {
 
 void quantize_row(const float* x, int64_t m, QuantX& q) {
     float* cs = q.chunk_scale.data() + m * q.chunks * 16;
-    float* neg = q.neg_offset.data() + m * q.blocks;
     for (int64_t blk = 0; blk < q.blocks; ++blk) {
         const float s = quantize_block(x + blk * QBLOCK, q.u.data() + m * q.K + blk * QBLOCK);
-        neg[blk] = -128.f * s;
         std::fill_n(cs + blk * 16 / 2, 8, s);  // block blk fills lanes (blk % 2) * 8 .. +8 of its chunk
     }
     if (q.blocks % 2) std::fill_n(cs + q.blocks * 8, 8, 0.f);  // the last chunk's missing block
@@ -84,14 +83,10 @@ void quantize_row(const float* x, int64_t m, QuantX& q) {
 // the next tile's weights (the NR rows after these, contiguous) as this tile reads as many bytes:
 // rows of a few cache lines are too short for the hardware prefetchers to get ahead of.
 template <int MR, bool PREFETCH>
-void vnni_tile(const QuantX& q, int64_t m0, const int8_t* w, const int32_t* wsum, int nr, float (*out)[NR]) {
+void vnni_tile(const QuantX& q, int64_t m0, const int8_t* w, int nr, float (*out)[NR]) {
     const int64_t K = q.K;
     const int8_t* wr[NR];
-    const int32_t* sr[NR];
-    for (int j = 0; j < NR; ++j) {
-        const int64_t r = std::min(j, nr - 1);
-        wr[j] = w + r * K, sr[j] = wsum + r * q.blocks;
-    }
+    for (int j = 0; j < NR; ++j) wr[j] = w + std::min(j, nr - 1) * K;
     const uint8_t* xr[MR];
     const float* cs[MR];
     for (int i = 0; i < MR; ++i) {
@@ -114,16 +109,21 @@ void vnni_tile(const QuantX& q, int64_t m0, const int8_t* w, const int32_t* wsum
             for (int j = 0; j < NR; ++j) __builtin_prefetch(next + j * CHUNK, 0, 3);
             next += NR * CHUNK;
         }
-        __m512i wv[NR];
+        // base: -128 * (each lane's four weights' sum), where the x rows' sums start (see the top).
+        const __m512i zero = _mm512_setzero_si512(), u128 = _mm512_set1_epi8(char(0x80));
+        __m512i wv[NR], base[NR];
 #pragma GCC unroll 8
-        for (int j = 0; j < NR; ++j) wv[j] = _mm512_maskz_loadu_epi8(mask, wr[j] + c * CHUNK);
+        for (int j = 0; j < NR; ++j) {
+            wv[j] = _mm512_maskz_loadu_epi8(mask, wr[j] + c * CHUNK);
+            base[j] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, u128, wv[j]));
+        }
 #pragma GCC unroll 8
         for (int i = 0; i < MR; ++i) {
             const __m512i xv = _mm512_maskz_loadu_epi8(mask, xr[i] + c * CHUNK);
             const __m512 s = _mm512_loadu_ps(cs[i] + c * 16);
 #pragma GCC unroll 8
             for (int j = 0; j < NR; ++j) {
-                const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xv, wv[j]);
+                const __m512i d = _mm512_dpbusd_epi32(base[j], xv, wv[j]);
                 acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[i][j]);
             }
         }
@@ -131,21 +131,6 @@ void vnni_tile(const QuantX& q, int64_t m0, const int8_t* w, const int32_t* wsum
     const int64_t full = K / CHUNK;
     for (int64_t c = 0; c < full; ++c) chunk(c, ~__mmask64(0));
     if (K % CHUNK) chunk(full, __mmask64(0xFFFFFFFFu));
-
-    // The +128 offset: acc -= 128 * sum_blk xscale[blk] * wsum[n, blk], 16 blocks a step (any lanes
-    // do: the accumulators are summed over all lanes next).
-    for (int64_t b = 0; b < q.blocks; b += 16) {
-        const __mmask16 mask = q.blocks - b >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (q.blocks - b)) - 1);
-        __m512 ws[NR];
-#pragma GCC unroll 8
-        for (int j = 0; j < NR; ++j) ws[j] = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, sr[j] + b));
-#pragma GCC unroll 8
-        for (int i = 0; i < MR; ++i) {
-            const __m512 neg = _mm512_maskz_loadu_ps(mask, q.neg_offset.data() + (m0 + i) * q.blocks + b);
-#pragma GCC unroll 8
-            for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(neg, ws[j], acc[i][j]);
-        }
-    }
 
     // Four accumulators at a time: interleave-and-add twice, then add the four 128-bit lanes.
     static_assert(NR == 4, "a tile's row of accumulators is reduced at once");
@@ -164,12 +149,11 @@ void vnni_tile(const QuantX& q, int64_t m0, const int8_t* w, const int32_t* wsum
 
 // x rows [m0, m0 + MR) against weight rows [n0, n1).
 template <int MR, bool PREFETCH>
-void strip(const LinearVnniArgs& v, const QuantX& q, int64_t m0, int64_t n0, int64_t n1) {
-    const LinearArgs& a = v.base;
+void strip(const LinearArgs& a, const QuantX& q, int64_t m0, int64_t n0, int64_t n1) {
     float out[MR][NR];
     for (int64_t n = n0; n < n1; n += NR) {
         const int nr = int(std::min<int64_t>(NR, n1 - n));
-        vnni_tile<MR, PREFETCH>(q, m0, static_cast<const int8_t*>(a.w) + n * a.K, v.wsum + n * q.blocks, nr, out);
+        vnni_tile<MR, PREFETCH>(q, m0, static_cast<const int8_t*>(a.w) + n * a.K, nr, out);
         for (int i = 0; i < MR; ++i)
             for (int j = 0; j < nr; ++j)
                 a.y[(m0 + i) * a.N + n + j] = out[i][j] * a.scale[n + j] + (a.bias ? a.bias[n + j] : 0.f);
@@ -177,25 +161,27 @@ void strip(const LinearVnniArgs& v, const QuantX& q, int64_t m0, int64_t n0, int
 }
 
 template <bool PREFETCH>
-void strip_mr(int mr, const LinearVnniArgs& v, const QuantX& q, int64_t m0, int64_t n0, int64_t n1) {
+void strip_mr(int mr, const LinearArgs& a, const QuantX& q, int64_t m0, int64_t n0, int64_t n1) {
     switch (mr) {
-        case 1: return strip<1, PREFETCH>(v, q, m0, n0, n1);
-        case 2: return strip<2, PREFETCH>(v, q, m0, n0, n1);
-        case 3: return strip<3, PREFETCH>(v, q, m0, n0, n1);
-        default: return strip<MR_MAX, PREFETCH>(v, q, m0, n0, n1);
+        case 1: return strip<1, PREFETCH>(a, q, m0, n0, n1);
+        case 2: return strip<2, PREFETCH>(a, q, m0, n0, n1);
+        case 3: return strip<3, PREFETCH>(a, q, m0, n0, n1);
+        default: return strip<MR_MAX, PREFETCH>(a, q, m0, n0, n1);
     }
 }
 
 }  // namespace
 
-void linear_int8(const LinearVnniArgs& v) {
-    const LinearArgs& a = v.base;
+void linear_int8(const LinearArgs& a) {
     if (a.M == 0) return;
-    QuantX q;
+    // The quantized rows live in buffers kept between calls, one set per calling thread; the team
+    // shares the caller's through this reference (a thread_local named in the region would be each
+    // thread's own).
+    thread_local QuantX buffers;
+    QuantX& q = buffers;
     q.K = a.K, q.blocks = a.K / QBLOCK, q.chunks = (a.K + CHUNK - 1) / CHUNK;
     q.u.resize(size_t(a.M * a.K));
     q.chunk_scale.resize(size_t(a.M * q.chunks * 16));
-    q.neg_offset.resize(size_t(a.M * q.blocks));
 
     const int64_t by_work = std::max<int64_t>(1, a.M * a.N * a.K / MIN_MACS_PER_THREAD);
     const int threads = int(std::min<int64_t>(std::max(a.num_threads, 1), by_work));
@@ -203,18 +189,24 @@ void linear_int8(const LinearVnniArgs& v) {
     const int64_t want = threads * std::max<int64_t>(4, a.N * a.K / (threads * SLICE_BYTES) + 1);
     const int64_t task_rows = std::max<int64_t>(NR, ((a.N + want - 1) / want + NR - 1) / NR * NR);
     const int64_t tasks = (a.N + task_rows - 1) / task_rows;
+    // A few rows are quantized here, before the team starts (a shared loop and its barrier cost more).
+    const bool serial_quantize = a.M < 2 * threads;
+    if (serial_quantize)
+        for (int64_t m = 0; m < a.M; ++m) quantize_row(a.x + m * a.K, m, q);
 
 #pragma omp parallel num_threads(threads)
     {
+        if (!serial_quantize) {
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < a.M; ++m) quantize_row(a.x + m * a.K, m, q);
-        // (the implicit barrier: every row is quantized before any tile reads it)
+            for (int64_t m = 0; m < a.M; ++m) quantize_row(a.x + m * a.K, m, q);
+            // (the implicit barrier: every row is quantized before any tile reads it)
+        }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; ++t) {
             const int64_t n0 = t * task_rows, n1 = std::min(a.N, n0 + task_rows);
-            strip_mr<true>(int(std::min<int64_t>(MR_MAX, a.M)), v, q, 0, n0, n1);  // (weights from memory)
+            strip_mr<true>(int(std::min<int64_t>(MR_MAX, a.M)), a, q, 0, n0, n1);  // (weights from memory)
             for (int64_t m0 = MR_MAX; m0 < a.M; m0 += MR_MAX)                     // (weights from L2)
-                strip_mr<false>(int(std::min<int64_t>(MR_MAX, a.M - m0)), v, q, m0, n0, n1);
+                strip_mr<false>(int(std::min<int64_t>(MR_MAX, a.M - m0)), a, q, m0, n0, n1);
         }
     }
 }

@@ -71,12 +71,43 @@ struct LinearArgs {
     int num_threads;
 };
 
-// The int8 path on VNNI: x quantized on the fly per row in blocks of 32 inputs (one fp32 scale
-// per block, symmetric, like llama.cpp's Q8_0), multiplied with vpdpbusd; wsum[n, k/32] holds the
-// sum of each 32-input block of W's row n (the +128 offset's correction).
-struct LinearVnniArgs {
-    LinearArgs base;  // wtype W_I8
-    const int32_t* wsum;  // [N, K / 32]
+// The int8 path on VNNI (linear_int8, wtype W_I8, K a multiple of 32): x quantized on the fly per
+// row in blocks of 32 inputs (one fp32 scale per block, symmetric, like llama.cpp's Q8_0) and
+// multiplied with vpdpbusd; the integer sums are exact.
+
+// A stack of decoder layers in one call (decoder.cpp). A linear layer's weights and format, as
+// LinearArgs takes them (int8_activations: the VNNI path; AVX-512 VNNI only).
+struct LayerLinear {
+    const void* w;
+    const float* scale;
+    const float* minimum;
+    const float* bias;
+    int64_t group_size, K, N;
+    int32_t wtype, int8_activations;
+};
+
+struct DecoderLayer {
+    const float* input_norm;  // [hidden]
+    const float* post_norm;   // [hidden]
+    const float* kv_scale;    // [2, kv_heads]
+    LayerLinear qkv, o, gate_up, down;  // gate_up: [2 * intermediate, hidden], gate rows first
+};
+
+// One step of the whole stack. x [T, hidden] is the residual stream, updated in place. The KV
+// cache holds every layer's [2, num_blocks, block_size, kv_heads, head_dim] back to back.
+struct DecoderStep {
+    float* x;
+    const float* cos;         // [T, head_dim]
+    const float* rolled_sin;  // [T, head_dim]: sin, its first half negated
+    const int64_t* slot_mapping;     // [T]
+    const int64_t* block_tables;     // [num_seqs, max_blocks]
+    const int64_t* query_start_loc;  // [num_seqs + 1]
+    const int64_t* context_lens;     // [num_seqs]
+    void* cache;
+    int64_t num_tokens, hidden, intermediate, num_heads, kv_heads, head_dim;
+    int64_t num_seqs, max_blocks, num_blocks, block_size;
+    float eps, attn_scale;
+    int32_t kv_dtype, num_threads;
 };
 
 #define NS_DECLARE_KERNELS(isa)                           \
@@ -84,6 +115,7 @@ struct LinearVnniArgs {
     void write_kv(const WriteKvArgs& a);                  \
     void paged_attention(const AttentionArgs& a);         \
     void linear(const LinearArgs& a);                     \
+    void decoder_layers(const DecoderLayer* layers, int64_t num_layers, const DecoderStep& s); \
     }
 
 NS_DECLARE_KERNELS(scalar)
@@ -91,7 +123,7 @@ NS_DECLARE_KERNELS(avx2)
 NS_DECLARE_KERNELS(avx512)
 
 namespace avx512vnni {
-void linear_int8(const LinearVnniArgs& a);
+void linear_int8(const LinearArgs& a);
 }
 
 }  // namespace ns

@@ -33,6 +33,7 @@ from neuronserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from neuronserve.core import SchedulerOutput
 from neuronserve.model.llama import EagerAttentionPlan
 from neuronserve.ops import KERNEL_CHOICES, native_available, use_native_linears
+from neuronserve.ops.layers import use_native_decoder
 
 
 class CPUModelRunner(ChunkModelRunner):
@@ -50,6 +51,8 @@ class CPUModelRunner(ChunkModelRunner):
         # What runs: "native" only where the library loaded (native_available warns once otherwise).
         self.kernels = "native" if kernels == "native" and native_available() else "torch"
         self.model = use_native_linears(model.eval()) if self.native else use_transposed_linears(model.eval())
+        # Native: the decoder layers as one C call a step where the model allows (else per op).
+        self.per_op_reason = use_native_decoder(self.model) if self.native else None
         self.model_config = model_config
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config

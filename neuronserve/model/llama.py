@@ -303,6 +303,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp_group)
         self.tie_weights()
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # The eager CPU backend's native decoder stack (neuronserve.ops.layers), if it set one.
+        self.native_stack = None
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head when the config says so (again after ``to_empty``);
@@ -342,16 +344,21 @@ class LlamaForCausalLM(nn.Module):
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # (T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, hd)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        layers = self.layers
         if plan is not None and plan.paged is not None:  # the kernel needs no per-token tables or mask
             context_block_tables = attn_mask = None
             # rotate_half(x) * sin == roll(x, hd / 2) * sin with its first half negated (exactly)
             half = sin.shape[-1] // 2
             plan.rolled_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+            stack = self.native_stack
+            if stack is not None and stack.accepts(x, kv_cache):  # every layer in one native call
+                x = stack(x, cos, plan.rolled_sin, slot_mapping, *plan.paged, kv_cache)
+                layers = ()
         else:
             context_block_tables, attn_mask = self._token_tables_and_mask(
                 positions, block_tables, context_lens, query_start_loc, kv_cache.shape[3]
             )
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(layers):
             x = layer(
                 x, cos, sin, kv_cache[i], slot_mapping, context_block_tables, attn_mask, positions, plan
             )

@@ -33,12 +33,14 @@ _SIGNATURES = {
         + [c_void_p, c_int, c_int64, c_int64, c_int64, c_int64, c_void_p, c_int, c_int],
         c_int,
     ),
-    # x, y, M, K, N, w, wtype, scale, minimum, group_size, bias, wsum, isa, threads
+    # x, y, M, K, N, w, wtype, scale, minimum, group_size, bias, int8_activations, isa, threads
     "ns_linear": (
         [c_void_p, c_void_p, c_int64, c_int64, c_int64, c_void_p, c_int, c_void_p, c_void_p, c_int64]
-        + [c_void_p, c_void_p, c_int, c_int],
+        + [c_void_p, c_int, c_int, c_int],
         c_int,
     ),
+    # layers (DecoderLayer[num_layers]), num_layers, step (DecoderStep*), isa
+    "ns_decoder_layers": ([c_void_p, c_int64, c_void_p, c_int], c_int),
 }
 
 

@@ -14,6 +14,8 @@ their weight dequantized for the call (those large steps are the exception to ba
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,7 +29,8 @@ Q8_BLOCK = 32
 
 # Measured on the 2-core Zen 4 machine on SmolLM2-135M's shapes (benchmarks/kernels.py): int8
 # activations (VNNI) overtake the exact int8 kernel at 4 rows (a tie on the small layers, 1.2x on the
-# LM head; 1.2-1.8x at 8 rows) and lose 10-30% at 1 row from DRAM, the price of batch invariance;
+# LM head; 1.2-1.8x at 8 rows); at 1 row, all of SmolLM2's layers from DRAM, they now match it
+# (6.3 against 6.4 ms; 9.8 ms before the weight sums and the per-call allocations were dropped);
 # the native fp32 kernel beats F.linear (MKL) up to 256 rows (1.1-1.4x at 128-256; 0.8-1.25x at 512).
 # On a 2-core AVX2 Zen host (no VNNI), one thread, SmolLM2's gate_up and down layers: int8 and fp8
 # weights widened in registers reach 30-37 GFLOP/s at any row count, while dequantizing the whole
@@ -39,7 +42,7 @@ DEQUANTIZED_MIN_ROWS = 256
 _lib_def = torch.library.Library("neuronserve", "FRAGMENT")
 _lib_def.define(
     "linear(Tensor x, Tensor weight, int wtype, Tensor? scale, Tensor? minimum, int group_size, "
-    "Tensor? bias, Tensor? wsum) -> Tensor"
+    "Tensor? bias, bool int8_activations=False) -> Tensor"
 )
 
 
@@ -63,19 +66,16 @@ def q8_activations(x: torch.Tensor) -> torch.Tensor:
     return (q * scale).reshape(x.shape)
 
 
-def linear_reference(x, weight, wtype, scale, minimum, group_size, bias, wsum) -> torch.Tensor:
+def linear_reference(x, weight, wtype, scale, minimum, group_size, bias, int8_activations=False):
     """Torch composite of ``linear``: dequantize, then ``F.linear`` (exact fp32 activations; the
     VNNI path's activations differ from these by their int8 rounding, see ``q8_activations``)."""
     return F.linear(x, dequantize_weight(weight, wtype, scale, minimum, group_size), bias)
 
 
-def weight_block_sums(weight: torch.Tensor) -> torch.Tensor:
-    """``wsum [N, K / 32]`` int32: each 32-input block's sum of an int8 weight's row."""
-    return weight.view(weight.shape[0], -1, Q8_BLOCK).sum(-1, dtype=torch.int32).contiguous()
-
-
 # ------------------------------------------------------------------------------------ native impl
-def _check_linear(x, weight, wtype, scale, minimum, group_size, bias, wsum) -> tuple[int, int, int]:
+def _check_linear(
+    x, weight, wtype, scale, minimum, group_size, bias, int8_activations
+) -> tuple[int, int, int]:
     if wtype not in WEIGHT_DTYPES:
         raise ValueError(f"wtype: {wtype} is not one of {sorted(WEIGHT_DTYPES)}")
     if wtype == W_I4 and (group_size <= 0 or group_size % 2):
@@ -96,8 +96,10 @@ def _check_linear(x, weight, wtype, scale, minimum, group_size, bias, wsum) -> t
                 raise ValueError(f"{name}: expected a contiguous float32 tensor of shape {expected}")
     if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (N,)):
         raise ValueError(f"bias: expected float32 of shape ({N},)")
-    if wsum is not None and (wsum.dtype != torch.int32 or tuple(wsum.shape) != (N, K // Q8_BLOCK)):
-        raise ValueError(f"wsum: expected int32 of shape ({N}, {K // Q8_BLOCK})")
+    if int8_activations and (wtype != W_I8 or K % Q8_BLOCK):
+        raise ValueError(
+            f"int8_activations: the VNNI path takes int8 weights with K a multiple of {Q8_BLOCK}"
+        )
     return M, K, N
 
 
@@ -105,14 +107,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _linear_cpu(x, weight, wtype, scale, minimum, group_size, bias, wsum):
+def _linear_cpu(x, weight, wtype, scale, minimum, group_size, bias, int8_activations=False):
     if _lib.LIB is None:
-        return linear_reference(x, weight, wtype, scale, minimum, group_size, bias, wsum)
-    M, K, N = _check_linear(x, weight, wtype, scale, minimum, group_size, bias, wsum)
+        return linear_reference(x, weight, wtype, scale, minimum, group_size, bias)
+    M, K, N = _check_linear(x, weight, wtype, scale, minimum, group_size, bias, int8_activations)
     y = x.new_empty(M, N)
     status = _lib.LIB.ns_linear(
         x.data_ptr(), y.data_ptr(), M, K, N, weight.data_ptr(), wtype, _ptr(scale), _ptr(minimum),
-        group_size, _ptr(bias), _ptr(wsum), native_isa(), torch.get_num_threads(),
+        group_size, _ptr(bias), int(int8_activations), native_isa(), torch.get_num_threads(),
     )  # fmt: skip
     _lib.check(status)
     return y
@@ -122,14 +124,14 @@ _lib_def.impl("linear", _linear_cpu, "CPU")
 
 
 @torch.library.register_fake("neuronserve::linear")
-def _linear_fake(x, weight, wtype, scale, minimum, group_size, bias, wsum):
+def _linear_fake(x, weight, wtype, scale, minimum, group_size, bias, int8_activations=False):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def linear(x, weight, wtype=W_F32, scale=None, minimum=None, group_size=0, bias=None, wsum=None):
+def linear(x, weight, wtype=W_F32, scale=None, minimum=None, group_size=0, bias=None, int8_activations=False):
     """``x [M, K] @ W^T (+ bias)`` with ``W [N, K]`` in format ``wtype`` (see the module doc);
-    ``wsum`` (int8 only) selects the VNNI path with int8 activations."""
-    return torch.ops.neuronserve.linear(x, weight, wtype, scale, minimum, group_size, bias, wsum)
+    ``int8_activations`` (int8 weights, AVX-512 VNNI) quantizes x per row in blocks of 32."""
+    return torch.ops.neuronserve.linear(x, weight, wtype, scale, minimum, group_size, bias, int8_activations)
 
 
 # ------------------------------------------------------------------------------------ module swap
@@ -142,7 +144,8 @@ class NativeLinear(nn.Module):
         from neuronserve.quant.linear import FP8Linear, Int4Linear, Int8Linear
 
         self.collective = getattr(layer, "collective", None)
-        self.scale = self.minimum = self.wsum = None
+        self.scale = self.minimum = None
+        self.int8_activations = False
         self.group_size = 0
         if isinstance(layer, Int8Linear):
             self.wtype, self.weight, self.scale = W_I8, layer.qweight, layer.scale
@@ -151,7 +154,7 @@ class NativeLinear(nn.Module):
                 and _lib.best_isa() == "avx512_vnni"
                 and layer.in_features % Q8_BLOCK == 0
             ):
-                self.wsum = weight_block_sums(layer.qweight)
+                self.int8_activations = True
         elif isinstance(layer, FP8Linear):
             self.wtype, self.weight, self.scale = W_FP8, layer.qweight, layer.scale
         elif isinstance(layer, Int4Linear):
@@ -166,15 +169,24 @@ class NativeLinear(nn.Module):
         # The weights are checked once here; a step's calls then check only the activations.
         _check_linear(
             torch.empty(1, self.in_features), self.weight, self.wtype, self.scale, self.minimum,
-            self.group_size, self.bias, self.wsum,
+            self.group_size, self.bias, self.int8_activations,
         )  # fmt: skip
+
+    @property
+    def native_max_rows(self) -> int:
+        """The most rows a call runs on the native kernels (more go to torch's GEMM)."""
+        if self.wtype == W_F32:
+            return NATIVE_F32_MAX_ROWS
+        if self.wtype in (W_I8, W_FP8) and not self.int8_activations:
+            return DEQUANTIZED_MIN_ROWS - 1
+        return sys.maxsize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         rows = flat.shape[0]
         if self.wtype == W_F32 and rows > NATIVE_F32_MAX_ROWS:
             y = F.linear(flat, self.weight, self.bias)
-        elif self.wtype in (W_I8, W_FP8) and self.wsum is None and rows >= DEQUANTIZED_MIN_ROWS:
+        elif self.wtype in (W_I8, W_FP8) and not self.int8_activations and rows >= DEQUANTIZED_MIN_ROWS:
             dense = dequantize_weight(self.weight, self.wtype, self.scale, None, 0)  # freed after the call
             y = F.linear(flat, dense, self.bias)
         else:
@@ -183,7 +195,7 @@ class NativeLinear(nn.Module):
                 y = self._direct(flat, rows)
             else:
                 y = linear(flat, self.weight, self.wtype, self.scale, self.minimum, self.group_size,
-                           self.bias, self.wsum)  # fmt: skip
+                           self.bias, self.int8_activations)  # fmt: skip
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.collective is None else self.collective(y)
 
@@ -193,7 +205,7 @@ class NativeLinear(nn.Module):
         status = _lib.LIB.ns_linear(
             flat.data_ptr(), y.data_ptr(), rows, self.in_features, self.out_features,
             self.weight.data_ptr(), self.wtype, _ptr(self.scale), _ptr(self.minimum), self.group_size,
-            _ptr(self.bias), _ptr(self.wsum), native_isa(), torch.get_num_threads(),
+            _ptr(self.bias), self.int8_activations, native_isa(), torch.get_num_threads(),
         )  # fmt: skip
         if status:
             _lib.check(status)

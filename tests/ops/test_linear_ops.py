@@ -28,13 +28,12 @@ from neuronserve.ops.linear import (
     linear,
     linear_reference,
     q8_activations,
-    weight_block_sums,
 )
 from neuronserve.quant.linear import FP8Linear, Int4Linear, Int8Linear
 
 pytestmark = pytest.mark.skipif(not ops.native_available(), reason="native kernels not built")
 
-ISA_ORDER = ("scalar", "avx2", "avx512")  # (avx512_vnni runs the avx512 kernels without wsum)
+ISA_ORDER = ("scalar", "avx2", "avx512")  # (avx512_vnni runs the avx512 kernels with fp32 activations)
 BEST = ISA_ORDER.index(ops.best_isa().replace("_vnni", ""))
 ISAS = ISA_ORDER[: BEST + 1]
 HAS_VNNI = ops.best_isa() == "avx512_vnni"
@@ -132,6 +131,7 @@ def test_zero_rows():
 def vnni_problem(M, K, N, with_bias, seed):
     gen = torch.Generator().manual_seed(seed)
     ws = make_weight(W_I8, N, K, 0, gen)
+    ws["weight"][0, ::7] = -128  # the full int8 range (the quantizer stops at -127; a file need not)
     x = torch.randn(M, K, generator=gen) * torch.rand(M, K, generator=gen).pow(4) * 4  # uneven block scales
     x[0, :32] = 0  # an all-zero block (scale 0)
     bias = torch.randn(N, generator=gen) if with_bias else None
@@ -147,7 +147,7 @@ def test_vnni_path_computes_int8_activations(M, blocks, N, with_bias, seed):
     composite up to fp32 summation order."""
     K = 32 * blocks  # odd block counts: a lone last block in the kernel's 64-input steps
     x, w, scale, bias = vnni_problem(M, K, N, with_bias, seed)
-    y = linear(x, w, W_I8, scale, None, 0, bias, weight_block_sums(w))
+    y = linear(x, w, W_I8, scale, None, 0, bias, int8_activations=True)
     xq, wf = q8_activations(x), dequantize_weight(w, W_I8, scale, None, 0)
     ref = F.linear(xq, wf, bias)
     assert ((y - ref).abs() <= fp32_bound(xq, wf)).all(), (y - ref).abs().max()
@@ -159,7 +159,7 @@ def test_vnni_path_is_within_int8_rounding_of_the_exact_product(M):
     """Against fp32 activations: each input moves by at most half its block's step (max |x| / 254)."""
     K, N = 576, 200
     x, w, scale, bias = vnni_problem(M, K, N, True, M)
-    y = linear(x, w, W_I8, scale, None, 0, bias, weight_block_sums(w))
+    y = linear(x, w, W_I8, scale, None, 0, bias, int8_activations=True)
     wf = dequantize_weight(w, W_I8, scale, None, 0)
     half_step = x.view(M, -1, 32).abs().amax(-1, keepdim=True).expand(-1, -1, 32).reshape(M, K) / 254
     bound = half_step @ wf.abs().t() + fp32_bound(x, wf)
@@ -192,7 +192,7 @@ def test_native_linear_equals_the_wrapped_layer(kind, rows):
     # The layers' own forward may run bf16 activations (torch's packed kernels) and NativeLinear
     # int8 activations (VNNI): both within about 1% of the exact product.
     assert (y - ref).norm() / ref.norm() < 1e-2
-    if native.wsum is None:  # fp32 activations: exact up to order
+    if not native.int8_activations:  # fp32 activations: exact up to order
         torch.testing.assert_close(y, exact, rtol=1e-4, atol=1e-4)
 
 
@@ -234,8 +234,8 @@ def test_group_size_must_split_k_into_even_groups(group_size):
 @pytest.mark.skipif(HAS_VNNI, reason="checks the refusal on a CPU without VNNI")
 def test_vnni_path_refused_without_vnni():
     w = torch.zeros(7, 64, dtype=torch.int8)
-    with pytest.raises(ValueError, match="^wsum:"):
-        linear(torch.randn(2, 64), w, W_I8, torch.ones(7), None, 0, None, weight_block_sums(w))
+    with pytest.raises(ValueError, match="^int8_activations:"):
+        linear(torch.randn(2, 64), w, W_I8, torch.ones(7), None, 0, None, int8_activations=True)
 
 
 def test_group_size_zero_is_refused_naming_it():
