@@ -9,6 +9,9 @@ The eager CPU backend calls the ops (``kernels="native"``, the default) when the
   in place through the block tables (fp32, int8 and fp8 caches; GQA; decode and prefill chunks).
 - ``linear``: ``x @ W^T`` for fp32, int8 (per channel), fp8 e4m3 (per channel) and int4 (groups)
   weights with fp32 activations, and int8 with activations quantized on the fly on AVX-512 VNNI.
+
+``neuronserve.ops.layers`` runs a model's whole stack of decoder layers on these kernels in one
+call per step (the eager CPU backend's fast path; the per-op model is its reference).
 """
 
 from neuronserve.ops._lib import best_isa, native_available
