@@ -244,7 +244,7 @@ def main() -> None:
         print(json.dumps(result["single_stream"][-1]))
         if method != "ngram":
             continue
-        forced = build({**config, "disable_by_batch_size": None}, most)
+        forced = build({**config, "disable_by_batch_size": None, "adaptive": False}, most)
         for c in levels:
             for mode, engine in (("adaptive", on), ("forced on", forced)):
                 if mode == "forced on" and c != min(levels):

@@ -89,6 +89,10 @@ class SpeculativeConfig:
             batches are compute-bound, where rejected drafts cost real time); ``None``: never.
         min_acceptance_rate: a request whose recent drafts were accepted less often than this stops
             drafting for a while (rejected drafts cost compute and bring nothing).
+        adaptive: measure, per batch size (in powers of two), the output tokens a second of decode
+            steps with drafts and without, and draft only where drafting is the faster; every 16th
+            step of a size goes the other way, so both figures stay current. ``False``: draft
+            whenever the rules above allow.
     """
 
     method: str = "ngram"
@@ -98,6 +102,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 5
     disable_by_batch_size: int | None = 16
     min_acceptance_rate: float = 0.1
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         name = "speculative_config."

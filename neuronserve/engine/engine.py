@@ -280,16 +280,18 @@ class Engine:
     def execute(self, out: SchedulerOutput) -> StepResult:
         """Run the model and sample (verify drafts, propose the next ones). Reads scheduler state,
         never writes it."""
+        start = time.perf_counter()
         logits = self.runner.execute(out)
         if out.spec_token_ids or self.speculator is not None:
-            return self._execute_speculative(out, logits)
+            return self._execute_speculative(out, logits, start)
         rows = [i for i in range(len(out)) if out.samples(i)]
         states = [self._tracked[out.requests[i].request_id].sampling for i in rows]
         return StepResult(rows, self.sampler(logits[rows] if len(rows) < len(out) else logits, states))
 
-    def _execute_speculative(self, out: SchedulerOutput, logits) -> StepResult:
+    def _execute_speculative(self, out: SchedulerOutput, logits, start: float) -> StepResult:
         """``execute`` when requests may verify drafts: their rows of ``logits`` (one per position,
-        see ``ModelRunner.execute``) go to the speculator; the others are sampled as usual."""
+        see ``ModelRunner.execute``) go to the speculator; the others are sampled as usual. A
+        decode-only step's time and tokens go to the speculator's adaptive switch."""
         ends = list(itertools.accumulate(out.num_logits(i) for i in range(len(out))))
         rows, verified = [], {}
         for i, request in enumerate(out.requests):
@@ -309,6 +311,9 @@ class Engine:
         result = StepResult(rows, sampled, verified)
         if self.speculator is not None:
             result.proposals = self._propose(out, result)
+            if out.num_decodes == len(out):
+                tokens = len(rows) + sum(map(len, verified.values()))
+                self.speculator.observe(len(out), bool(verified), tokens, time.perf_counter() - start)
         return result
 
     def _propose(self, out: SchedulerOutput, result: StepResult) -> dict[int, list[int]]:

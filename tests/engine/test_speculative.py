@@ -156,6 +156,55 @@ def test_the_batch_size_switch_turns_a_whole_step_off(references):
     assert speculator.propose([request], batch_size=8) == [[]]
 
 
+def drafting_steps(speculator, batch_size: int, steps: int = 32) -> int:
+    from neuronserve.engine.spec import DraftRequest
+
+    request = DraftRequest("a", PROMPTS[0], GREEDY, torch.Generator())
+    return sum(speculator.propose([request], batch_size) != [[]] for _ in range(steps))
+
+
+def test_drafting_stops_where_drafted_steps_emit_fewer_tokens_a_second(references):
+    """Measured per batch size class: at 8 requests drafted steps are slower here (a compute-bound
+    step), at 1 they are faster; each class keeps probing the other way one step in 16."""
+    speculator = Speculator(SpeculativeConfig(), OracleDrafts(references, 0.0))
+    for _ in range(6):
+        speculator.observe(8, drafted=False, tokens=8, seconds=0.010)  # 800 tokens/s
+        speculator.observe(8, drafted=True, tokens=14, seconds=0.025)  # 560 tokens/s
+        speculator.observe(1, drafted=False, tokens=1, seconds=0.010)  # 100 tokens/s
+        speculator.observe(1, drafted=True, tokens=3, seconds=0.014)  # 214 tokens/s
+    assert drafting_steps(speculator, 8) == 2  # the probes only
+    assert drafting_steps(speculator, 1) == 30  # all but the probes
+    # The figures move with what is measured: drafting at 8 becomes the faster.
+    for _ in range(20):
+        speculator.observe(8, drafted=True, tokens=30, seconds=0.025)
+    assert drafting_steps(speculator, 8) == 30
+
+
+def test_until_both_kinds_are_measured_a_class_mostly_drafts(references):
+    speculator = Speculator(SpeculativeConfig(), OracleDrafts(references, 0.0))
+    assert drafting_steps(speculator, 4, steps=16) == 12  # a plain step in 4, to measure one
+    for _ in range(4):
+        speculator.observe(4, drafted=False, tokens=4, seconds=0.01)
+    assert drafting_steps(speculator, 4, steps=16) == 15  # the plain figure is known: draft, probe
+
+
+def test_without_adaptive_every_step_drafts(references):
+    speculator = Speculator(SpeculativeConfig(adaptive=False), OracleDrafts(references, 0.0))
+    for _ in range(6):
+        speculator.observe(2, drafted=False, tokens=2, seconds=0.01)
+        speculator.observe(2, drafted=True, tokens=2, seconds=1.0)
+    assert drafting_steps(speculator, 2) == 32
+
+
+def test_the_engine_reports_its_decode_steps(tiny_model, references):
+    engine = spec_engine(tiny_model, OracleDrafts(references, 0.0))
+    generate(engine, PROMPTS, GREEDY)
+    rates = engine.speculator.step_rates
+    measured = sum(sum(r.count) for r in rates.values())
+    assert rates and measured > 0 and all(r.tokens_per_s[1] > 0 for r in rates.values() if r.count[1])
+    assert engine.speculator.stats.num_accepted_tokens > 0
+
+
 # ---------------------------------------------------------------- rejection sampling, statistically
 def _first_two(logits, drafts, params, draft_probs, trials: int, seed: int = 0):
     """Histograms of the first emitted token and of the token after an accepted first draft. With

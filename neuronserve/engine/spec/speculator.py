@@ -8,6 +8,13 @@ Adaptive: drafting stops for a step once ``disable_by_batch_size`` requests run 
 compute-bound, so rejected drafts cost real time), and for a request whose recent drafts were
 mostly rejected (it retries after a pause, in case the text becomes quotable again). Requests with
 penalties or logprobs do not draft: their per-position logits would need per-position state.
+
+Where drafting pays also depends on the machine: a verification step of ``k + 1`` tokens a request
+costs little more than a decode while the step is bound by reading the weights, and much more once
+it is bound by compute, which on a small CPU happens at a few requests. So the engine reports every
+decode-only step (``observe``: batch size, drafted or not, tokens emitted, seconds) and, per batch
+size class (powers of two), the speculator drafts only while drafted steps emit more tokens a
+second than plain ones (``SpeculativeConfig.adaptive``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from neuronserve.engine.spec.verify import verify_drafts
 
 PAUSE_STEPS = 16  # steps a request with a low acceptance rate waits before drafting again
 RATE_SMOOTHING = 0.3  # weight of the latest verification in a request's acceptance-rate average
+STEP_RATE_SMOOTHING = 0.2  # weight of the latest step in a batch size class's tokens-a-second average
+MIN_STEPS = 4  # steps of each kind a class measures before its figures decide
+PROBE_EVERY = 16  # every 16th step of a class does the other thing (a plain step while measuring)
 
 
 @dataclass
@@ -86,6 +96,34 @@ class _Acceptance:
         self.paused_steps = 0
 
 
+class StepRates:
+    """One batch size class's decode steps: output tokens a second (a moving average) and how many
+    were measured, ``[plain, drafted]``."""
+
+    __slots__ = ("tokens_per_s", "count", "steps")
+
+    def __init__(self) -> None:
+        self.tokens_per_s = [0.0, 0.0]
+        self.count = [0, 0]
+        self.steps = 0  # drafting decisions taken
+
+    def add(self, drafted: bool, tokens: int, seconds: float) -> None:
+        i, rate = int(drafted), tokens / max(seconds, 1e-9)
+        self.count[i] += 1
+        old = self.tokens_per_s[i]
+        self.tokens_per_s[i] = rate if self.count[i] == 1 else old + STEP_RATE_SMOOTHING * (rate - old)
+
+    def draft_next(self) -> bool:
+        """Whether the class's next step drafts: mostly drafting (with a plain step every
+        ``PROBE_EVERY``) until both kinds are measured, then the faster, probing the other."""
+        self.steps += 1
+        probe = self.steps % PROBE_EVERY == 0
+        if min(self.count) < MIN_STEPS:
+            return not probe if self.count[0] >= MIN_STEPS else self.steps % 4 != 0
+        faster = self.tokens_per_s[1] >= self.tokens_per_s[0]
+        return faster != probe
+
+
 class Speculator:
     def __init__(self, config: SpeculativeConfig, proposer: Proposer) -> None:
         self.config = config
@@ -93,6 +131,13 @@ class Speculator:
         self.proposer = proposer
         self.stats = SpecDecodeStats(accepted_per_position=[0] * self.k)
         self._acceptance: dict[str, _Acceptance] = {}
+        self.step_rates: dict[int, StepRates] = {}  # batch size class (bit length) -> its figures
+
+    def observe(self, batch_size: int, drafted: bool, tokens: int, seconds: float) -> None:
+        """A decode-only step ran: ``batch_size`` requests, with drafts or not, ``tokens`` emitted
+        in ``seconds`` (the model, the verification, the sampling and the next drafts)."""
+        if batch_size > 0 and tokens > 0:
+            self.step_rates.setdefault(batch_size.bit_length(), StepRates()).add(drafted, tokens, seconds)
 
     def verify(
         self, request_id: str, logits: torch.Tensor, drafts: list[int], params, generator
@@ -116,6 +161,9 @@ class Speculator:
         """Drafts for each request (``[]``: none), given ``batch_size`` running requests."""
         limit = self.config.disable_by_batch_size
         if not requests or (limit is not None and batch_size >= limit):
+            return [[] for _ in requests]
+        rates = self.step_rates.setdefault(batch_size.bit_length(), StepRates()) if batch_size > 0 else None
+        if self.config.adaptive and rates is not None and not rates.draft_next():
             return [[] for _ in requests]
         drafting = []
         for r in requests:
