@@ -8,7 +8,8 @@ with the fastest CPU settings (native kernels, int8 weights including the LM hea
   hits both alike): output tok/s end to end (prefill included) and in decode (after the first
   token, what speculation changes); acceptance rate; identical outputs;
 - c = 8 and 32 concurrent requests through the in-process engine: output tok/s, spec off vs on
-  (with the default adaptive off-switch, and at c = 8 also forced on).
+  (with the default adaptive off-switch, and at c = 8 also forced on), three rounds of each arm
+  taking turns.
 
 Every figure is given twice: by wall time, and by the process's CPU time per torch thread
 ("CPU tok/s": tokens / (CPU seconds / threads)). This machine's 2 cores are shared with other
@@ -130,22 +131,34 @@ def single_stream(off: Engine, on: Engine, prompts: list[list[int]]) -> dict:
     return row
 
 
-def concurrent(off: Engine, on: Engine, prompts: list[list[int]], warm: list[list[int]]) -> dict:
+def concurrent(
+    off: Engine, on: Engine, prompts: list[list[int]], warm: list[list[int]], rounds: int = 3
+) -> dict:
     # Each engine first runs a batch of other prompts of the same size (so the measured runs touch
-    # warm KV-cache pages and allocations), then the measured prompts.
+    # warm KV-cache pages and allocations), then the measured prompts: `rounds` times, off and on
+    # taking turns (and turns at going first), so that load drift on a shared machine hits both.
     run(off, warm)
     run(on, warm)
     before = spec_stats(on)
-    r_off, r_on = run(off, prompts), run(on, prompts)
-    n_off, n_on = sum(map(len, r_off["tokens"])), sum(map(len, r_on["tokens"]))
+    arms = {"off": [], "on": []}
+    for i in range(rounds):
+        order = (("off", off), ("on", on)) if i % 2 == 0 else (("on", on), ("off", off))
+        for name, engine in order:
+            arms[name].append(run(engine, prompts))
+    r_off, r_on = arms["off"][0], arms["on"][0]  # (the tokens are the same every round)
+    n_off = sum(len(t) for r in arms["off"] for t in r["tokens"])
+    n_on = sum(len(t) for r in arms["on"] for t in r["tokens"])
+    s_off, s_on = (sum(r["seconds"] for r in arms[a]) for a in ("off", "on"))
+    c_off, c_on = (sum(r["cpu"] for r in arms[a]) for a in ("off", "on"))
     return {
         "concurrency": len(prompts),
-        "off_tok_s": n_off / r_off["seconds"],
-        "on_tok_s": n_on / r_on["seconds"],
-        "speedup": (n_on / r_on["seconds"]) / (n_off / r_off["seconds"]),
-        "off_cpu_tok_s": n_off / r_off["cpu"],
-        "on_cpu_tok_s": n_on / r_on["cpu"],
-        "cpu_speedup": (n_on / r_on["cpu"]) / (n_off / r_off["cpu"]),
+        "rounds": rounds,
+        "off_tok_s": n_off / s_off,
+        "on_tok_s": n_on / s_on,
+        "speedup": (n_on / s_on) / (n_off / s_off),
+        "off_cpu_tok_s": n_off / c_off,
+        "on_cpu_tok_s": n_on / c_on,
+        "cpu_speedup": (n_on / c_on) / (n_off / c_off),
         "identical_outputs": sum(a == b for a, b in zip(r_off["tokens"], r_on["tokens"])),
         # The baseline's own batch invariance: spec off in this batch vs the same prompt alone.
         "off_batched_equals_alone": [
