@@ -41,6 +41,11 @@ int best_isa() {
 #endif
 }
 
+const char* isa_name(int isa) {
+    static const char* const names[] = {"scalar", "avx2", "avx512", "avx512_vnni"};
+    return names[isa];
+}
+
 // The ISA a call runs: the one asked for, capped at what this CPU has.
 int pick(int requested) {
     static const int best = best_isa();
@@ -158,7 +163,8 @@ int ns_linear(const float* x, float* y, int64_t M, int64_t K, int64_t N, const v
     if (int8_activations) {  // the dynamically quantized int8 path
         if (wtype != ns::W_I8 || K % 32)
             return fail("int8_activations: the VNNI path takes int8 weights with K a multiple of 32");
-        if (chosen != ISA_AVX512_VNNI) return fail("int8_activations: this CPU has no AVX-512 VNNI");
+        if (chosen != ISA_AVX512_VNNI)
+            return fail("int8_activations: the VNNI path needs AVX-512 VNNI; this call runs %s", isa_name(chosen));
 #ifndef NS_SCALAR_ONLY
         ns::avx512vnni::linear_int8(a);
 #endif
@@ -195,7 +201,8 @@ int ns_decoder_layers(const ns::DecoderLayer* layers, int64_t num_layers, const 
     for (int64_t i = 0; i < num_layers; ++i) {
         for (const ns::LayerLinear* l : {&layers[i].qkv, &layers[i].o, &layers[i].gate_up, &layers[i].down}) {
             if (l->int8_activations && chosen != ISA_AVX512_VNNI)
-                return fail("int8_activations: this CPU has no AVX-512 VNNI");
+                return fail("int8_activations: the VNNI path needs AVX-512 VNNI; this call runs %s",
+                            isa_name(chosen));
         }
     }
     switch (chosen) {

@@ -21,6 +21,13 @@ def native_isa() -> int:
     return ISA_NAMES.index(_forced) if _forced else -1
 
 
+def effective_isa() -> str:
+    """The instruction set the kernels run now: the forced one, else the best this CPU has."""
+    from neuronserve.ops._lib import best_isa
+
+    return _forced or best_isa()
+
+
 @contextmanager
 def forced_isa(name: str) -> Iterator[None]:
     """Run the kernels with at most ``name``'s instructions (``scalar``, ``avx2``, ``avx512``,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuronserve.ops import _lib
-from neuronserve.ops.dispatch import call_directly, native_isa
+from neuronserve.ops.dispatch import call_directly, effective_isa, native_isa
 
 W_F32, W_I8, W_FP8, W_I4 = 0, 1, 2, 3
 WEIGHT_DTYPES = {W_F32: torch.float32, W_I8: torch.int8, W_FP8: torch.float8_e4m3fn, W_I4: torch.uint8}
@@ -149,12 +149,9 @@ class NativeLinear(nn.Module):
         self.group_size = 0
         if isinstance(layer, Int8Linear):
             self.wtype, self.weight, self.scale = W_I8, layer.qweight, layer.scale
-            if (
-                _lib.LIB is not None
-                and _lib.best_isa() == "avx512_vnni"
-                and layer.in_features % Q8_BLOCK == 0
-            ):
-                self.int8_activations = True
+            # (the ISA the kernels run: a forced lower one, NEURONSERVE_KERNEL_ISA, has no VNNI)
+            vnni = _lib.LIB is not None and effective_isa() == "avx512_vnni"
+            self.int8_activations = vnni and layer.in_features % Q8_BLOCK == 0
         elif isinstance(layer, FP8Linear):
             self.wtype, self.weight, self.scale = W_FP8, layer.qweight, layer.scale
         elif isinstance(layer, Int4Linear):

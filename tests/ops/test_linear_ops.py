@@ -196,6 +196,22 @@ def test_native_linear_equals_the_wrapped_layer(kind, rows):
         torch.testing.assert_close(y, exact, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("isa", [i for i in ("scalar", "avx2", "avx512") if ISA_ORDER.index(i) <= BEST])
+def test_int8_layers_built_under_a_forced_isa_run_on_it(isa):
+    """NEURONSERVE_KERNEL_ISA / forced_isa below VNNI: int8 layers take fp32 activations there
+    (else every call would be refused for want of VNNI)."""
+    layer = layers(96, 80)["int8"]
+    x = torch.randn(3, 96)
+    with forced_isa(isa):
+        native = NativeLinear(layer)
+        y = native(x)
+    assert not native.int8_activations
+    torch.testing.assert_close(y, F.linear(x, layer.dequantize(), layer.bias), rtol=1e-4, atol=1e-4)
+    if HAS_VNNI:  # asked for anyway, on a lower ISA: refused, naming the argument and the ISA
+        with forced_isa(isa), pytest.raises(ValueError, match=f"^int8_activations: .* runs {isa}"):
+            linear(x, layer.qweight, W_I8, layer.scale, None, 0, None, int8_activations=True)
+
+
 def test_native_linear_shares_the_weights():
     layer = layers(64, 32)["int8"]
     native = NativeLinear(layer)
