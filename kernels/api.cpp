@@ -46,6 +46,12 @@ const char* isa_name(int isa) {
     return names[isa];
 }
 
+// The VNNI path (int8 activations) on the ISA a call runs.
+int check_vnni(int chosen) {
+    if (chosen == ISA_AVX512_VNNI) return 0;
+    return fail("int8_activations: the VNNI path needs AVX-512 VNNI; this call runs %s", isa_name(chosen));
+}
+
 // The ISA a call runs: the one asked for, capped at what this CPU has.
 int pick(int requested) {
     static const int best = best_isa();
@@ -163,8 +169,7 @@ int ns_linear(const float* x, float* y, int64_t M, int64_t K, int64_t N, const v
     if (int8_activations) {  // the dynamically quantized int8 path
         if (wtype != ns::W_I8 || K % 32)
             return fail("int8_activations: the VNNI path takes int8 weights with K a multiple of 32");
-        if (chosen != ISA_AVX512_VNNI)
-            return fail("int8_activations: the VNNI path needs AVX-512 VNNI; this call runs %s", isa_name(chosen));
+        if (check_vnni(chosen)) return -1;
 #ifndef NS_SCALAR_ONLY
         ns::avx512vnni::linear_int8(a);
 #endif
@@ -200,9 +205,7 @@ int ns_decoder_layers(const ns::DecoderLayer* layers, int64_t num_layers, const 
     const int chosen = pick(isa);
     for (int64_t i = 0; i < num_layers; ++i) {
         for (const ns::LayerLinear* l : {&layers[i].qkv, &layers[i].o, &layers[i].gate_up, &layers[i].down}) {
-            if (l->int8_activations && chosen != ISA_AVX512_VNNI)
-                return fail("int8_activations: the VNNI path needs AVX-512 VNNI; this call runs %s",
-                            isa_name(chosen));
+            if (l->int8_activations && check_vnni(chosen)) return -1;
         }
     }
     switch (chosen) {

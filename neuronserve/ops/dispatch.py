@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-from neuronserve.ops._lib import ISA_NAMES
+from neuronserve.ops._lib import ISA_NAMES, best_isa
 
 # LLM(kernels=...) / --kernels: the native kernels (default) or the torch paths, for comparison.
 KERNEL_CHOICES = ("native", "torch")
@@ -23,8 +23,6 @@ def native_isa() -> int:
 
 def effective_isa() -> str:
     """The instruction set the kernels run now: the forced one, else the best this CPU has."""
-    from neuronserve.ops._lib import best_isa
-
     return _forced or best_isa()
 
 

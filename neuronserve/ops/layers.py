@@ -24,7 +24,7 @@ from torch import nn
 from neuronserve.ops import _lib
 from neuronserve.ops.attention import _KV_DTYPES
 from neuronserve.ops.dispatch import call_directly, native_isa
-from neuronserve.ops.linear import NativeLinear
+from neuronserve.ops.linear import NativeLinear, _ptr
 
 
 class _Linear(ctypes.Structure):
@@ -53,10 +53,6 @@ class _Step(ctypes.Structure):
         ("eps", c_float), ("attn_scale", c_float),
         ("kv_dtype", c_int32), ("num_threads", c_int32),
     ]  # fmt: skip
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def _linear(layer: nn.Module) -> _Linear:
@@ -110,9 +106,11 @@ class NativeDecoderStack:
     @staticmethod
     def supports(model: nn.Module) -> str | None:
         """``None`` if ``model``'s layers can run as a stack, else why not."""
+        if _lib.LIB is None:
+            return "no native library"
         layers = getattr(model, "layers", None)
-        if not layers or _lib.LIB is None:
-            return "no native library" if _lib.LIB is None else "no decoder layers"
+        if not layers:
+            return "no decoder layers"
         for layer in layers:
             a, mlp = layer.self_attn, layer.mlp
             for m in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj):
@@ -147,7 +145,7 @@ class NativeDecoderStack:
         ``cos`` / ``rolled_sin``: ``[T, 1, head_dim]`` as the model computes them; the rest as the
         model's forward takes them, ``kv_cache`` being every layer's cache."""
         T = x.shape[0]
-        x = x.contiguous().clone()
+        x = x.clone(memory_format=torch.contiguous_format)  # (the stack updates it in place)
         cos, rolled_sin = cos.contiguous(), rolled_sin.contiguous()
         B, max_blocks = block_tables.shape
         _, _, num_blocks, block_size, kvh, hd = kv_cache.shape

@@ -181,10 +181,10 @@ class NativeLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         rows = flat.shape[0]
-        if self.wtype == W_F32 and rows > NATIVE_F32_MAX_ROWS:
-            y = F.linear(flat, self.weight, self.bias)
-        elif self.wtype in (W_I8, W_FP8) and not self.int8_activations and rows >= DEQUANTIZED_MIN_ROWS:
-            dense = dequantize_weight(self.weight, self.wtype, self.scale, None, 0)  # freed after the call
+        if rows > self.native_max_rows:  # torch's GEMM; int8 / fp8 dequantized, freed after the call
+            dense = self.weight
+            if self.wtype != W_F32:
+                dense = dequantize_weight(self.weight, self.wtype, self.scale, None, 0)
             y = F.linear(flat, dense, self.bias)
         else:
             flat = flat.contiguous()

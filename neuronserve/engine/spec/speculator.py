@@ -137,7 +137,10 @@ class Speculator:
         """A decode-only step ran: ``batch_size`` requests, with drafts or not, ``tokens`` emitted
         in ``seconds`` (the model, the verification, the sampling and the next drafts)."""
         if batch_size > 0 and tokens > 0:
-            self.step_rates.setdefault(batch_size.bit_length(), StepRates()).add(drafted, tokens, seconds)
+            self._rates(batch_size).add(drafted, tokens, seconds)
+
+    def _rates(self, batch_size: int) -> StepRates:
+        return self.step_rates.setdefault(batch_size.bit_length(), StepRates())
 
     def verify(
         self, request_id: str, logits: torch.Tensor, drafts: list[int], params, generator
@@ -162,8 +165,7 @@ class Speculator:
         limit = self.config.disable_by_batch_size
         if not requests or (limit is not None and batch_size >= limit):
             return [[] for _ in requests]
-        rates = self.step_rates.setdefault(batch_size.bit_length(), StepRates()) if batch_size > 0 else None
-        if self.config.adaptive and rates is not None and not rates.draft_next():
+        if self.config.adaptive and batch_size > 0 and not self._rates(batch_size).draft_next():
             return [[] for _ in requests]
         drafting = []
         for r in requests:
