@@ -41,6 +41,7 @@ from neuronserve.bench.machine import gemm_peak_gflops, memory_bandwidth_gbs
 from neuronserve.config import CacheConfig, SchedulerConfig
 from neuronserve.model.llama import Attention, EagerAttentionPlan
 from neuronserve.model.loader import load_model
+from neuronserve.ops.linear import NativeLinear
 from neuronserve.quant import quantize_model
 from neuronserve.quant.linear import FP8Linear, Int4Linear, Int8Linear
 
@@ -178,11 +179,14 @@ def linear_layers(k: int, n: int) -> dict:
         "int4": (int4, lambda x, w: ops.linear(x, w, 3, int4.scale, int4.minimum, 32), int4.qweight),
     }
     if ops.best_isa() == "avx512_vnni":
-        formats["int8_vnni"] = (
-            int8,
-            lambda x, w: ops.linear(x, w, 1, int8.scale, int8_activations=True),
-            int8.qweight,
-        )
+        # As the engine runs it: NativeLinear's call, with the weights it packed once (pack_int8).
+        vnni = NativeLinear(int8)
+
+        def packed_call(x, packed):
+            vnni.packed = packed
+            return vnni._direct(x, x.shape[0])
+
+        formats["int8_vnni"] = (int8, packed_call, vnni.packed)
     return formats
 
 

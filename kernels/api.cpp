@@ -164,7 +164,9 @@ int ns_linear(const float* x, float* y, int64_t M, int64_t K, int64_t N, const v
     if (wtype == ns::W_I4 && (group_size <= 0 || group_size % 2 || K % group_size))
         return fail("group_size: %lld does not divide the %lld inputs into even groups", (long long)group_size,
                     (long long)K);
-    ns::LinearArgs a{x, y, M, K, N, w, wtype, scale, minimum, group_size, bias, num_threads};
+    if (int8_activations < 0 || int8_activations > 2)
+        return fail("int8_activations: %d is not 0 (off), 1 (on) or 2 (on, packed weights)", int8_activations);
+    ns::LinearArgs a{x, y, M, K, N, w, wtype, scale, minimum, group_size, bias, num_threads, int8_activations == 2};
     const int chosen = pick(isa);
     if (int8_activations) {  // the dynamically quantized int8 path
         if (wtype != ns::W_I8 || K % 32)
@@ -187,6 +189,16 @@ int ns_linear(const float* x, float* y, int64_t M, int64_t K, int64_t N, const v
     return 0;
 }
 
+
+// int8 weights [N, K] into the VNNI path's order (internal.h), out: ceil(N / 16) * 16 * K bytes.
+int ns_pack_int8(const int8_t* w, int64_t N, int64_t K, uint8_t* out) {
+    if (N <= 0 || K <= 0 || K % 32) return fail("weight: [%lld, %lld] is not [N, a multiple of 32]", (long long)N, (long long)K);
+    if (check_vnni(pick(-1))) return -1;
+#ifndef NS_SCALAR_ONLY
+    ns::avx512vnni::pack_int8(w, N, K, out);
+#endif
+    return 0;
+}
 
 // The decoder stack (decoder.cpp). The layers' weights are checked when the stack is built
 // (neuronserve/ops/layers.py); here, the step: its sequences, slots and the VNNI path's needs.

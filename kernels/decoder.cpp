@@ -103,7 +103,8 @@ void copy_columns(const float* src, int64_t ld, int64_t c0, int64_t width, int64
 }
 
 void run_linear(const LayerLinear& l, const float* x, float* y, int64_t M, int threads) {
-    const LinearArgs a{x, y, M, l.K, l.N, l.w, l.wtype, l.scale, l.minimum, l.group_size, l.bias, threads};
+    const LinearArgs a{x, y, M, l.K, l.N, l.w, l.wtype, l.scale, l.minimum, l.group_size, l.bias, threads,
+                       l.int8_activations == 2};
 #if defined(__AVX512F__)
     if (l.int8_activations) return avx512vnni::linear_int8(a);
 #endif

@@ -69,11 +69,14 @@ struct LinearArgs {
     int64_t group_size;    // int4 only
     const float* bias;     // [N] or null
     int num_threads;
+    int w_packed = 0;      // VNNI path: w already in pack_int8's order (else [N, K], packed per call)
 };
 
 // The int8 path on VNNI (linear_int8, wtype W_I8, K a multiple of 32): x quantized on the fly per
 // row in blocks of 32 inputs (one fp32 scale per block, symmetric, like llama.cpp's Q8_0) and
-// multiplied with vpdpbusd; the integer sums are exact.
+// multiplied with vpdpbusd; the integer sums are exact. Its weights in VNNI order (pack_int8):
+// [ceil(N / 16)][K / 4][16][4] bytes, w + 128, columns past N zero weights. int8_activations in
+// LayerLinear / ns_linear: 0 off, 1 on with [N, K] weights, 2 on with packed ones.
 
 // A stack of decoder layers in one call (decoder.cpp). A linear layer's weights and format, as
 // LinearArgs takes them (int8_activations: the VNNI path; AVX-512 VNNI only).
@@ -124,6 +127,7 @@ NS_DECLARE_KERNELS(avx512)
 
 namespace avx512vnni {
 void linear_int8(const LinearArgs& a);
+void pack_int8(const int8_t* w, int64_t N, int64_t K, uint8_t* out);
 }
 
 }  // namespace ns

@@ -39,6 +39,8 @@ _SIGNATURES = {
         + [c_void_p, c_int, c_int, c_int],
         c_int,
     ),
+    # w (int8 [N, K]), N, K, out (uint8, ceil(N / 16) * 16 * K)
+    "ns_pack_int8": ([c_void_p, c_int64, c_int64, c_void_p], c_int),
     # layers (DecoderLayer[num_layers]), num_layers, step (DecoderStep*), isa
     "ns_decoder_layers": ([c_void_p, c_int64, c_void_p, c_int], c_int),
 }

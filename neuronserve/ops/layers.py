@@ -55,10 +55,11 @@ class _Step(ctypes.Structure):
     ]  # fmt: skip
 
 
-def _linear(layer: nn.Module) -> _Linear:
+def _linear(layer: NativeLinear) -> _Linear:
+    weight, int8_activations = layer.native_weight
     return _Linear(
-        _ptr(layer.weight), _ptr(layer.scale), _ptr(layer.minimum), _ptr(layer.bias), layer.group_size,
-        layer.in_features, layer.out_features, layer.wtype, int(layer.int8_activations),
+        weight, _ptr(layer.scale), _ptr(layer.minimum), _ptr(layer.bias), layer.group_size,
+        layer.in_features, layer.out_features, layer.wtype, int8_activations,
     )  # fmt: skip
 
 

@@ -134,10 +134,23 @@ def linear(x, weight, wtype=W_F32, scale=None, minimum=None, group_size=0, bias=
     return torch.ops.neuronserve.linear(x, weight, wtype, scale, minimum, group_size, bias, int8_activations)
 
 
+def pack_int8(weight: torch.Tensor) -> torch.Tensor:
+    """int8 weights ``[N, K]`` (K a multiple of 32) in the VNNI path's order (kernels/internal.h):
+    flat uint8, ``ceil(N / 16) * 16 * K`` bytes. AVX-512 VNNI only."""
+    if weight.dtype != torch.int8 or weight.dim() != 2 or not weight.is_contiguous():
+        raise ValueError("weight: expected a contiguous 2-d int8 tensor")
+    N, K = weight.shape
+    out = torch.empty(-(-N // 16) * 16 * K, dtype=torch.uint8)
+    _lib.check(_lib.LIB.ns_pack_int8(weight.data_ptr(), N, K, out.data_ptr()))
+    return out
+
+
 # ------------------------------------------------------------------------------------ module swap
 class NativeLinear(nn.Module):
     """A linear layer (fp32 ``nn.Linear`` or a ``neuronserve.quant`` layer) run on the native
-    kernels. It shares the tensors of the layer it replaces (no copy) and keeps its collective."""
+    kernels. It shares the tensors of the layer it replaces (no copy) and keeps its collective.
+    An int8 layer on the VNNI path also keeps its weights in that path's order (``packed``, one
+    more byte a weight), so that no call repacks them."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
@@ -168,6 +181,15 @@ class NativeLinear(nn.Module):
             torch.empty(1, self.in_features), self.weight, self.wtype, self.scale, self.minimum,
             self.group_size, self.bias, self.int8_activations,
         )  # fmt: skip
+        self.packed = pack_int8(self.weight) if self.int8_activations else None
+
+    @property
+    def native_weight(self) -> tuple[int, int]:
+        """What the C calls take: the weights' address and the int8_activations code (0 off, 1 on,
+        2 on with the packed weights)."""
+        if self.packed is not None:
+            return self.packed.data_ptr(), 2
+        return self.weight.data_ptr(), int(self.int8_activations)
 
     @property
     def native_max_rows(self) -> int:
@@ -199,10 +221,11 @@ class NativeLinear(nn.Module):
     def _direct(self, flat: torch.Tensor, rows: int) -> torch.Tensor:
         """The C call of ``neuronserve::linear`` for this layer's weights (checked at construction)."""
         y = torch.empty(rows, self.out_features)
+        weight, int8_activations = self.native_weight
         status = _lib.LIB.ns_linear(
             flat.data_ptr(), y.data_ptr(), rows, self.in_features, self.out_features,
-            self.weight.data_ptr(), self.wtype, _ptr(self.scale), _ptr(self.minimum), self.group_size,
-            _ptr(self.bias), self.int8_activations, native_isa(), torch.get_num_threads(),
+            weight, self.wtype, _ptr(self.scale), _ptr(self.minimum), self.group_size,
+            _ptr(self.bias), int8_activations, native_isa(), torch.get_num_threads(),
         )  # fmt: skip
         if status:
             _lib.check(status)

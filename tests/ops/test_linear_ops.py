@@ -27,6 +27,7 @@ from neuronserve.ops.linear import (
     dequantize_weight,
     linear,
     linear_reference,
+    pack_int8,
     q8_activations,
 )
 from neuronserve.quant.linear import FP8Linear, Int4Linear, Int8Linear
@@ -218,7 +219,36 @@ def test_native_linear_shares_the_weights():
     assert native.weight.data_ptr() == layer.qweight.data_ptr()
 
 
+@needs_vnni
+@pytest.mark.parametrize("N", [1, 17, 40, 200])  # partial 16-column vectors and 32-column groups
+def test_packed_int8_weights_give_the_bits_of_per_call_packing(N):
+    """NativeLinear keeps VNNI-path weights packed (pack_int8): its calls give the bits of the op,
+    which packs [N, K] weights per call; a row's bits do not depend on the rows sharing its call."""
+    torch.manual_seed(N)
+    layer = Int8Linear.from_linear(nn.Linear(96, N))  # K = 96: a lone last block in 64-input steps
+    native = NativeLinear(layer)
+    assert native.int8_activations and native.packed.numel() == -(-N // 16) * 16 * 96
+    x = torch.randn(37, 96)
+    with torch.no_grad():
+        y = native(x)
+        per_call = linear(x, layer.qweight, W_I8, layer.scale, None, 0, layer.bias, int8_activations=True)
+        assert torch.equal(y, per_call)
+        for rows in (slice(0, 1), slice(5, 7), slice(30, 37)):
+            assert torch.equal(native(x[rows]), y[rows])
+
+
 # ------------------------------------------------------------------------------------ bad input
+@needs_vnni
+@pytest.mark.parametrize(
+    "weight",
+    [torch.zeros(4, 40, dtype=torch.int8), torch.zeros(64, 4, dtype=torch.int8).t(), torch.zeros(4, 64)],
+    ids=["K not in blocks of 32", "non-contiguous", "float32"],
+)
+def test_packing_refuses_weights_it_cannot_pack(weight):
+    with pytest.raises(ValueError, match="^weight:"):
+        pack_int8(weight)
+
+
 @pytest.mark.parametrize(
     "change, name",
     [
