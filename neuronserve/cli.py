@@ -317,9 +317,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 args.base_url, args.served_model, args.api_key, ignore_eos=not args.allow_eos
             )
         else:
-            from neuronserve.engine.async_engine import AsyncEngine
+            from neuronserve.engine.async_engine import AsyncEngine, model_thread
 
-            engine = _bench_engine(args, max(concurrencies or [args.max_concurrency or 32]))
+            # Loaded on the thread that runs the steps (one OpenMP team: see async_engine's doc).
+            concurrency = max(concurrencies or [args.max_concurrency or 32])
+            engine = model_thread().submit(_bench_engine, args, concurrency).result()
             client = EngineClient(AsyncEngine(engine), ignore_eos=not args.allow_eos)
         try:
             async with client:

@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from neuronserve.core import QueueFullError
-from neuronserve.engine.async_engine import AsyncEngine
+from neuronserve.engine.async_engine import AsyncEngine, model_thread
 from neuronserve.engine.engine import Engine
 from neuronserve.engine.outputs import RequestOutput
 from neuronserve.server.metrics import ServerMetrics
@@ -86,13 +86,14 @@ def create_app(
     api_key: str | None = None,
     retry_after_s: int = 1,
 ) -> FastAPI:
-    """The app. ``load_engine`` runs in a worker thread at start-up (503s until it returns)."""
+    """The app. ``load_engine`` runs at start-up on the model's thread (503s until it returns)."""
     state = _State()
     metrics = ServerMetrics(lambda: state.engine.engine if state.engine is not None else None)
 
     async def load() -> None:
         try:
-            engine = await asyncio.to_thread(load_engine)
+            # On the thread that will run the steps (one OpenMP team: see async_engine's doc).
+            engine = await asyncio.get_running_loop().run_in_executor(model_thread(), load_engine)
         except Exception as exc:
             logger.exception("the model failed to load")
             state.load_error = f"the model failed to load: {exc}"
