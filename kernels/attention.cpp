@@ -17,9 +17,9 @@
 //   scales are folded in: the K scale into q (with the softmax scale), the V scale into 1 / l.
 // - The next chunk's K and V rows are prefetched (into L2) while this one is computed.
 // - Threads (OpenMP) take tasks, longest first: a tile and key range for every KV head, chunk by
-//   chunk with the heads in turn, as a slot holds all heads' rows side by side. Long tiles' keys are split into fixed partitions whose
-//   partial (m, l, o) are merged afterwards (flash-decoding), so that few sequences with long
-//   contexts keep every thread busy.
+//   chunk with the heads in turn, as a slot holds all heads' rows side by side. Long tiles' keys
+//   are split into fixed partitions whose partial (m, l, o) are merged afterwards
+//   (flash-decoding), so that few sequences with long contexts keep every thread busy.
 // - Batch invariance: how a token's row is computed (score arithmetic, key partitions, summation
 //   order) depends only on its own sequence, never on the rest of the call or the thread count.
 #include <algorithm>
@@ -27,8 +27,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <limits>
-#include <memory>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -842,10 +842,10 @@ Plan make_plan(const Problem& p) {
 // prefetched while its scores of this chunk are computed, its V rows while its values are
 // accumulated (each request a phase ahead of its use: about the memory latency).
 template <int DT>
-void run_task(const Problem& p, const Plan& plan, const Task& t, Workspace* const* ws, float* scratch) {
+void run_task(const Problem& p, const Plan& plan, const Task& t, std::deque<Workspace>& ws, float* scratch) {
     const int64_t kvh = p.a.cache.kv_heads, rows = (t.t1 - t.t0) * p.group;
     const int64_t slot_head_bytes = kvh * p.head_bytes;  // all heads' rows of a slot
-    for (int64_t kh = 0; kh < kvh; ++kh) stage_queries(p, Unit{t.seq, kh, t.t0, t.t1, t.k0, t.k1}, *ws[kh]);
+    for (int64_t kh = 0; kh < kvh; ++kh) stage_queries(p, Unit{t.seq, kh, t.t0, t.t1, t.k0, t.k1}, ws[size_t(kh)]);
     KeyCursor keys(p, t.seq, 0, t.k0);  // head 0's rows; head kh's lie kh * head_bytes further
     const uint8_t *cur[W], *next[W], *head_rows[W];
     int n_next = int(std::min<int64_t>(W, t.k1 - t.k0));
@@ -861,7 +861,7 @@ void run_task(const Problem& p, const Plan& plan, const Task& t, Workspace* cons
         keys.next(n_next, next);
         for (int64_t kh = 0; kh < kvh; ++kh) {
             for (int j = 0; j < n_next; ++j) prefetch_bytes(next[j] + kh * p.head_bytes, p.head_bytes);
-            Workspace& w = *ws[kh];
+            Workspace& w = ws[size_t(kh)];
             for (int j = 0; j < n; ++j) head_rows[j] = cur[j] + kh * p.head_bytes;
             std::fill(head_rows + n, head_rows + W, w.zero_row);
             chunk_scores<DT>(p, w, rows, head_rows);
@@ -874,12 +874,12 @@ void run_task(const Problem& p, const Plan& plan, const Task& t, Workspace* cons
     float* partial = nullptr;
     if (t.split >= 0) partial = scratch + plan.splits[size_t(t.split)].scratch + t.part * kvh * part_floats;
     for (int64_t kh = 0; kh < kvh; ++kh) {
-        finish_unit(p, Unit{t.seq, kh, t.t0, t.t1, t.k0, t.k1}, *ws[kh], rows, partial);
+        finish_unit(p, Unit{t.seq, kh, t.t0, t.t1, t.k0, t.k1}, ws[size_t(kh)], rows, partial);
         if (partial != nullptr) partial += part_floats;
     }
 }
 
-using RunTask = void (*)(const Problem&, const Plan&, const Task&, Workspace* const*, float*);
+using RunTask = void (*)(const Problem&, const Plan&, const Task&, std::deque<Workspace>&, float*);
 
 Problem make_problem(const AttentionArgs& a) {
     const KvCache& c = a.cache;
@@ -915,14 +915,10 @@ void paged_attention(const AttentionArgs& a) {
     const bool parallel = threads > 1 && plan.cost >= kParallelCost;
 #pragma omp parallel num_threads(threads) if (parallel)
     {
-        std::vector<std::unique_ptr<Workspace>> owned;  // one per KV head
-        std::vector<Workspace*> ws;
-        for (int64_t kh = 0; kh < kvh; ++kh) {
-            owned.push_back(std::make_unique<Workspace>(p.tile_tokens * p.group, p.hdp));
-            ws.push_back(owned.back().get());
-        }
+        std::deque<Workspace> ws;  // one per KV head (a deque: workspaces are not movable)
+        for (int64_t kh = 0; kh < kvh; ++kh) ws.emplace_back(p.tile_tokens * p.group, p.hdp);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < n_tasks; ++i) run(p, plan, plan.tasks[size_t(i)], ws.data(), scratch.data());
+        for (int64_t i = 0; i < n_tasks; ++i) run(p, plan, plan.tasks[size_t(i)], ws, scratch.data());
         if (n_splits > 0) {  // the same on every thread, as a worksharing construct must be
 #pragma omp for schedule(dynamic, 1) collapse(2)
             for (int64_t i = 0; i < n_splits; ++i)

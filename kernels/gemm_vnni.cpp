@@ -184,26 +184,32 @@ void tile_rows(int mr, const LinearArgs& a, const QuantX& q, int64_t m0, const u
     }
 }
 
-// Columns [n0, n0 + cols) (cols <= GROUP): their weights (packed into buf unless they are already),
-// then every x tile.
-void run_group(const LinearArgs& a, const QuantX& q, int64_t n0, int64_t cols, uint8_t* buf) {
+// Columns [n0, n0 + cols)'s packed weights: in place when the call has them packed, else packed
+// into buf.
+const uint8_t* group_weights(const LinearArgs& a, int64_t n0, int64_t cols, uint8_t* buf) {
+    if (a.w_packed) return static_cast<const uint8_t*>(a.w) + n0 * a.K;
     const int8_t* w = static_cast<const int8_t*>(a.w);
-    const int vecs = int((cols + 15) / 16);
-    if (a.w_packed) buf = static_cast<uint8_t*>(const_cast<void*>(a.w)) + n0 * a.K;
-    for (int v = 0; v < vecs && !a.w_packed; ++v) {
-        const int64_t row = n0 + v * 16, next = row + GROUP;  // (the next group's rows, if whole)
-        pack16(w + row * a.K, a.K, int(std::min<int64_t>(16, cols - v * 16)), buf + v * a.K * 16,
+    for (int64_t row = n0; row < n0 + cols; row += 16) {
+        const int64_t next = row + GROUP;  // (the next group's rows, if whole)
+        pack16(w + row * a.K, a.K, int(std::min<int64_t>(16, n0 + cols - row)), buf + (row - n0) * a.K,
                next + 16 <= a.N ? w + next * a.K : nullptr);
     }
+    return buf;
+}
+
+// Columns [n0, n0 + cols) (cols <= GROUP): their weights, then every x tile.
+void run_group(const LinearArgs& a, const QuantX& q, int64_t n0, int64_t cols, uint8_t* buf) {
+    const uint8_t* wp = group_weights(a, n0, cols, buf);
+    const int vecs = int((cols + 15) / 16);
     // Packed weights come from memory: the first x tile fetches the next group's (whole) ahead.
     const bool next_whole = n0 + 2 * GROUP <= a.N;
-    const uint8_t* ahead = a.w_packed && next_whole ? buf + GROUP * a.K : nullptr;
+    const uint8_t* ahead = a.w_packed && next_whole ? wp + GROUP * a.K : nullptr;
     for (int64_t m0 = 0; m0 < a.M; m0 += MR) {
         const int mr = int(std::min<int64_t>(MR, a.M - m0));
         if (vecs == NV)
-            tile_rows<NV>(mr, a, q, m0, buf, n0, cols, m0 == 0 ? ahead : nullptr);
+            tile_rows<NV>(mr, a, q, m0, wp, n0, cols, m0 == 0 ? ahead : nullptr);
         else
-            tile_rows<1>(mr, a, q, m0, buf, n0, cols, nullptr);
+            tile_rows<1>(mr, a, q, m0, wp, n0, cols, nullptr);
     }
 }
 
