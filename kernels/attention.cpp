@@ -500,14 +500,14 @@ inline int64_t partial_floats(const Problem& p, int64_t rows) { return rows * (p
 class Workspace {
    public:
     Workspace(int64_t rows, int64_t hdp) {
-        const int64_t sizes[] = {rows * hdp, rows * hdp, rows * W, W * hdp, rows, rows, hdp};
+        const int64_t sizes[] = {rows * hdp, rows * hdp, rows * W, W * hdp, W * hdp, rows, rows, hdp};
         int64_t total = 0;
         for (int64_t n : sizes) total += round_up(n, 16);
         mem_ = static_cast<float*>(std::aligned_alloc(64, size_t(total) * sizeof(float)));
         float* zero;
-        float** slots[] = {&q, &o, &s, &vb, &m, &l, &zero};
+        float** slots[] = {&q, &o, &s, &kb, &vb, &m, &l, &zero};
         float* at = mem_;
-        for (int i = 0; i < 7; ++i) {
+        for (int i = 0; i < 8; ++i) {
             *slots[i] = at;
             at += round_up(sizes[i], 16);
         }
@@ -522,6 +522,7 @@ class Workspace {
     float* q;   // [rows][hdp]: queries times the softmax scale and K scale
     float* o;   // [rows][hdp]: unnormalized outputs
     float* s;   // [rows][W]: a chunk's scores, then probabilities
+    float* kb;  // [W][hdp]: a chunk's K rows, fp32 (when converted once for many rows)
     float* vb;  // [W][hdp]: a chunk's V rows, fp32 (unless read in place)
     const uint8_t* v[W];  // the chunk's V rows (in the cache, or in vb)
     float* m;   // [rows]: running max
@@ -652,8 +653,20 @@ inline void softmax_row(float* s, int valid, float& m, float& l, float* o, int64
 // sequence's keys pointing at zeros): dot products of the K rows as they lie, DOT_ROWS rows a
 // pass. One method for every row, decode or prefill: a row's arithmetic (and so its bits) never
 // depends on how many rows share the unit, which makes the kernel batch invariant (see the top).
+// Quantized K rows are converted once into kb when more than one pass reads them (a prefill tile,
+// a verification): the conversion is exact, so the scores' bits are those of converting as loaded.
 template <int DT>
 void chunk_scores(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows) {
+    if constexpr (DT != KV_F32) {
+        if (rows > DOT_ROWS) {
+            const uint8_t* converted[W];
+            for (int j = 0; j < W; ++j) {
+                load_row<DT>(ws.kb + j * p.hdp, krows[j], p.hd);
+                converted[j] = reinterpret_cast<const uint8_t*>(ws.kb + j * p.hdp);
+            }
+            return chunk_scores<KV_F32>(p, ws, rows, converted);
+        }
+    }
     for (int64_t r0 = 0; r0 < rows; r0 += DOT_ROWS) {
         const int rr = int(std::min<int64_t>(DOT_ROWS, rows - r0));
         qk_dot_rows<DT, DOT_ROWS>(rr, ws.q + r0 * p.hdp, p.hdp, krows, p.hd, ws.s + r0 * W);

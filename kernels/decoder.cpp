@@ -26,9 +26,12 @@ namespace {
 constexpr int64_t PARALLEL_ROWS = 8;
 
 // exp for the SiLU: 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2], p a degree-6 Taylor polynomial
-// (relative error < 2e-7 over the range the clamp leaves). A branch-free loop body, so it vectorizes.
+// (relative error < 2e-7 over the range the clamp leaves). A branch-free loop body, so it vectorizes:
+// the clamp is written with comparisons, as std::fmin / std::fmax are calls into libm (their NaN
+// rules keep GCC from inlining them), which left the SiLU loop scalar.
 inline float fast_exp(float x) {
-    x = std::fmin(std::fmax(x, -87.f), 88.f);
+    x = x > -87.f ? x : -87.f;  // NaN becomes -87, as std::fmax made it
+    x = x < 88.f ? x : 88.f;
     const float n = std::floor(x * 1.44269504f + 0.5f);
     const float r = x - n * 0.693145752f - n * 1.42860677e-6f;
     float p = 1.f / 720;
