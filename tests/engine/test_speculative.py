@@ -166,7 +166,7 @@ def drafting_steps(speculator, batch_size: int, steps: int = 32) -> int:
 def test_drafting_stops_where_drafted_steps_emit_fewer_tokens_a_second(references):
     """Measured per batch size class: at 8 requests drafted steps are slower here (a compute-bound
     step), at 1 they are faster; each class keeps probing the other way one step in 16."""
-    speculator = Speculator(SpeculativeConfig(), OracleDrafts(references, 0.0))
+    speculator = Speculator(SpeculativeConfig(disable_by_batch_size=None), OracleDrafts(references, 0.0))
     for _ in range(6):
         speculator.observe(8, drafted=False, tokens=8, seconds=0.010)  # 800 tokens/s
         speculator.observe(8, drafted=True, tokens=14, seconds=0.025)  # 560 tokens/s
@@ -181,7 +181,7 @@ def test_drafting_stops_where_drafted_steps_emit_fewer_tokens_a_second(reference
 
 
 def test_until_both_kinds_are_measured_a_class_mostly_drafts(references):
-    speculator = Speculator(SpeculativeConfig(), OracleDrafts(references, 0.0))
+    speculator = Speculator(SpeculativeConfig(disable_by_batch_size=None), OracleDrafts(references, 0.0))
     assert drafting_steps(speculator, 4, steps=16) == 12  # a plain step in 4, to measure one
     for _ in range(4):
         speculator.observe(4, drafted=False, tokens=4, seconds=0.01)

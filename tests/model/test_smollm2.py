@@ -132,7 +132,12 @@ def test_ngram_speculation_keeps_the_greedy_tokens_of_the_parity_prompts(smollm2
     runner = get_backend("cpu").build_runner(model, config, cache_cfg, sched_cfg)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     outputs = []
-    for spec in (None, SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_min=1, prompt_lookup_max=3)):
+    for spec in (
+        None,
+        SpeculativeConfig(
+            num_speculative_tokens=3, prompt_lookup_min=1, prompt_lookup_max=3, disable_by_batch_size=None
+        ),
+    ):
         speculator = build_speculator(spec) if spec else None
         engine = Engine(runner, tok, config, sched_cfg, cache_cfg, speculator=speculator)
         ids = [engine.add_request(p, params) for p in prompt_ids]
