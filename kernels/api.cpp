@@ -237,5 +237,6 @@ int ns_decoder_layers(const ns::DecoderLayer* layers, int64_t num_layers, const 
 // An importable (empty) module, so the package's import system finds the library wherever the
 // install put it; the functions above are called through ctypes.
 static PyModuleDef kernels_module = {PyModuleDef_HEAD_INIT, "_kernels",
-                                     "neuronserve's native CPU kernels (called through ctypes).", -1, nullptr};
+                                     "neuronserve's native CPU kernels (called through ctypes).", -1, nullptr,
+                                     nullptr, nullptr, nullptr, nullptr};
 PyMODINIT_FUNC PyInit__kernels() { return PyModule_Create(&kernels_module); }

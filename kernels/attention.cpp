@@ -32,10 +32,11 @@
 #include <vector>
 
 #if defined(__AVX2__)
-// GCC 12 reports the _mm512_undefined_* inside set1/convert intrinsics as maybe-uninitialized
-// (GCC bug 105593, a false positive): silenced for the intrinsics' header only.
+// GCC 12 reports the _mm512_undefined_* inside set1/convert/shuffle intrinsics as (maybe-)
+// uninitialized (GCC bug 105593, a false positive): silenced for the intrinsics' header only.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 #endif
