@@ -227,9 +227,8 @@ def markdown(result: dict) -> str:
             f"\nc={r['concurrency']} ({r['mode']}), {r['rounds']} rounds each: steps with a prefill "
             f"chunk {r['off_prefill_step_seconds']:.1f} s off / {r['on_prefill_step_seconds']:.1f} s on, "
             f"decode-only steps {r['off_decode_step_seconds']:.1f} s / {r['on_decode_step_seconds']:.1f} s. "
-            "Spec off in "
-            f"the batch equals spec off alone for {sum(same)}/{len(same)} prompts (the native kernels are "
-            "batch invariant: a token's logits do not depend on the rest of its step)"
+            f"Spec off in the batch equals spec off alone for {sum(same)}/{len(same)} prompts (the native "
+            "kernels are batch invariant: a token's logits do not depend on the rest of its step)"
         )
     lines += [
         "",

@@ -650,6 +650,17 @@ inline void softmax_row(float* s, int valid, float& m, float& l, float* o, int64
     vstore(s, e);
 }
 
+// A chunk's first n cache rows (each `offset` bytes past rows[j]) as fp32 rows of buf ([n][hdp],
+// zero-padded), and out[j] pointing at row j: rows read as KV_F32 from then on.
+template <int DT>
+void convert_rows(const Problem& p, const uint8_t* const* rows, int64_t offset, int n, float* buf,
+                  const uint8_t** out) {
+    for (int j = 0; j < n; ++j) {
+        load_row<DT>(buf + j * p.hdp, rows[j] + offset, p.hd);
+        out[j] = reinterpret_cast<const uint8_t*>(buf + j * p.hdp);
+    }
+}
+
 // The unit's scores against the chunk whose K rows are at krows (W of them, the ones past the
 // sequence's keys pointing at zeros): dot products of the K rows as they lie, DOT_ROWS rows a
 // pass. One method for every row, decode or prefill: a row's arithmetic (and so its bits) never
@@ -661,10 +672,7 @@ void chunk_scores(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* 
     if constexpr (DT != KV_F32) {
         if (rows > DOT_ROWS) {
             const uint8_t* converted[W];
-            for (int j = 0; j < W; ++j) {
-                load_row<DT>(ws.kb + j * p.hdp, krows[j], p.hd);
-                converted[j] = reinterpret_cast<const uint8_t*>(ws.kb + j * p.hdp);
-            }
+            convert_rows<DT>(p, krows, 0, W, ws.kb, converted);
             return chunk_scores<KV_F32>(p, ws, rows, converted);
         }
     }
@@ -709,10 +717,7 @@ void chunk_values(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* 
         for (int j = 0; j < n; ++j) ws.v[j] = krows[j] + p.v_bytes;
         return values_tiles<DT>(p, ws, rows, ws.v, n);
     }
-    for (int j = 0; j < n; ++j) {
-        load_row<DT>(ws.vb + j * p.hdp, krows[j] + p.v_bytes, p.hd);
-        ws.v[j] = reinterpret_cast<const uint8_t*>(ws.vb + j * p.hdp);
-    }
+    convert_rows<DT>(p, krows, p.v_bytes, n, ws.vb, ws.v);
     values_tiles<KV_F32>(p, ws, rows, ws.v, n);
 }
 
