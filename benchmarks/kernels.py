@@ -84,11 +84,12 @@ def attention_case(config, kv_dtype, num_seqs: int, context: int, new_tokens: in
     nh, kvh, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
     per_seq = -(-context // BLOCK)
     num_blocks = num_seqs * per_seq + 1
-    cache = torch.randn(2, num_blocks, BLOCK, kvh, hd)
-    attn.kv_scale.copy_(cache.abs().amax(dim=(1, 2, 4)) / ops.attention.QMAX.get(kv_dtype, 1.0))
-    cache = ops.attention.quantize_kv(cache, torch.ones(kvh), torch.float32)  # fp32 copy
+    cache = torch.randn(2, num_blocks, kvh, BLOCK, hd)
+    attn.kv_scale.copy_(cache.abs().amax(dim=(1, 3, 4)) / ops.attention.QMAX.get(kv_dtype, 1.0))
     if kv_dtype != torch.float32:
-        cache = torch.stack([ops.attention.quantize_kv(cache[i], attn.kv_scale[i], kv_dtype) for i in (0, 1)])
+        cache = torch.stack(
+            [ops.attention.quantize_kv(cache[i], attn.kv_scale[i], kv_dtype, heads_dim=-3) for i in (0, 1)]
+        )
     tables = (torch.randperm(num_blocks - 1) + 1)[: num_seqs * per_seq].view(num_seqs, per_seq)
     T = num_seqs * new_tokens
     q = torch.randn(T, nh, hd)
@@ -103,8 +104,8 @@ def attention_case(config, kv_dtype, num_seqs: int, context: int, new_tokens: in
         key_pos = torch.arange(per_seq * BLOCK)
         mask = ((key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] < ctx[:, None]))[:, None, None]
         workspace = (
-            cache.new_empty(T * per_seq, BLOCK, kvh, hd),
-            cache.new_empty(T * per_seq, BLOCK, kvh, hd),
+            cache.new_empty(T * per_seq, kvh, BLOCK, hd),
+            cache.new_empty(T * per_seq, kvh, BLOCK, hd),
         )
 
         def reference():

@@ -16,8 +16,12 @@
 // - Softmax is online in fp32 (running max m, sum l per row; o rescaled when m grows). int8/fp8
 //   scales are folded in: the K scale into q (with the softmax scale), the V scale into 1 / l.
 // - The next chunk's K and V rows are prefetched (into L2) while this one is computed.
+// - The cache is block-major, then head: a block holds each KV head's block_size rows as one run
+//   (as vLLM's CPU value cache and the Neuron NKI paged-attention kernels lay it out), so the
+//   rows a unit reads of a block are contiguous (measured against token-major slots, which
+//   interleave the heads: cold fp32 decode ~20% faster).
 // - Threads (OpenMP) take tasks, longest first: a tile and key range for every KV head, chunk by
-//   chunk with the heads in turn, as a slot holds all heads' rows side by side. Long tiles' keys
+//   chunk with the heads in turn, as a block holds all heads' rows. Long tiles' keys
 //   are split into fixed partitions whose partial (m, l, o) are merged afterwards
 //   (flash-decoding), so that few sequences with long contexts keep every thread busy.
 // - Batch invariance: how a token's row is computed (score arithmetic, key partitions, summation
@@ -426,19 +430,24 @@ template <int DT>
 void write_kv_typed(const WriteKvArgs& a) {
     const KvCache& c = a.cache;
     const int64_t es = kv_elem_size(c.kv_dtype), row = c.kv_heads * c.head_dim;
+    const int64_t head_rows = c.block_size * c.head_dim * es;  // bytes of one head's rows in a block
     const int64_t v_off = c.num_blocks * c.block_size * row * es;  // bytes from K to V
     uint8_t* cache = static_cast<uint8_t*>(c.data);
     // A write is a few KB per token: threads only pay off for long prefills.
     const bool parallel = a.num_threads > 1 && a.num_tokens * row >= (int64_t(1) << 16);
 #pragma omp parallel for num_threads(a.num_threads) if (parallel) schedule(static)
     for (int64_t t = 0; t < a.num_tokens; ++t) {
-        uint8_t* slot = cache + a.slot_mapping[t] * row * es;
+        // Block-major, then head: slot s is row s % block_size of each head's rows in block
+        // s / block_size.
+        const int64_t block = a.slot_mapping[t] / c.block_size, offset = a.slot_mapping[t] % c.block_size;
+        uint8_t* slot = cache + (block * c.kv_heads * c.block_size + offset) * c.head_dim * es;
         for (int64_t h = 0; h < c.kv_heads; ++h) {
             const int64_t off = h * c.head_dim;
+            uint8_t* dst = slot + h * head_rows;
             const float ks = DT == KV_F32 ? 1.f : c.kv_scale[h];
             const float vs = DT == KV_F32 ? 1.f : c.kv_scale[c.kv_heads + h];
-            store_row<DT>(slot + off * es, a.k + t * row + off, c.head_dim, ks);
-            store_row<DT>(slot + v_off + off * es, a.v + t * row + off, c.head_dim, vs);
+            store_row<DT>(dst, a.k + t * row + off, c.head_dim, ks);
+            store_row<DT>(dst + v_off, a.v + t * row + off, c.head_dim, vs);
         }
     }
 }
@@ -467,8 +476,9 @@ struct Problem {
     int dtype;
     int64_t hd, hdp, group;  // hdp: head_dim rounded up to W
     int64_t tile_tokens;     // query tokens per tile (a tile's rows: tile_tokens x group)
-    int64_t head_bytes;      // one head's row in a slot
-    int64_t slot_bytes;      // one slot: kv_heads rows
+    int64_t head_bytes;      // one key's row of one head
+    int64_t head_stride;     // from a head's rows in a block to the next head's: block_size rows
+    int64_t block_bytes;     // one block: kv_heads x block_size rows
     int64_t v_bytes;         // from a K row to its V row
     const uint8_t* cache;
 };
@@ -540,15 +550,16 @@ class KeyCursor {
    public:
     KeyCursor(const Problem& p, int64_t seq, int64_t kh, int64_t key)
         : table_(p.a.block_tables + seq * p.a.max_blocks),
-          base_(p.cache + kh * p.head_bytes),
+          base_(p.cache + kh * p.head_stride),
           block_size_(p.a.cache.block_size),
-          slot_bytes_(p.slot_bytes),
+          block_bytes_(p.block_bytes),
+          head_bytes_(p.head_bytes),
           index_(key / block_size_),
           offset_(key % block_size_) {}
 
     void next(int n, const uint8_t** rows) {
         for (int j = 0; j < n; ++j) {
-            rows[j] = base_ + (table_[index_] * block_size_ + offset_) * slot_bytes_;
+            rows[j] = base_ + table_[index_] * block_bytes_ + offset_ * head_bytes_;
             if (++offset_ == block_size_) offset_ = 0, ++index_;
         }
     }
@@ -556,7 +567,7 @@ class KeyCursor {
    private:
     const int64_t* table_;
     const uint8_t* base_;
-    int64_t block_size_, slot_bytes_, index_, offset_;
+    int64_t block_size_, block_bytes_, head_bytes_, index_, offset_;
 };
 
 // Cache rows (bytes from row), requested into L2 a chunk ahead of use: blocks are scattered, so
@@ -855,23 +866,24 @@ Plan make_plan(const Problem& p) {
 }
 
 // A task's keys chunk by chunk, every KV head of a chunk in turn (each head with its own
-// workspace): the block table is walked once for all heads, and a slot's rows, side by side in
-// memory, are all used within one chunk's time (measured against head after head over all keys:
-// int8 and fp8 KV 3-15% faster from DRAM, fp32 unchanged). Head kh's K rows of the next chunk are
+// workspace): the block table is walked once for all heads, and a block's rows are all used
+// within a few chunks' time (measured against head after head over all keys: int8 and fp8 KV
+// 3-15% faster from DRAM, fp32 unchanged). Head kh's K rows of the next chunk are
 // prefetched while its scores of this chunk are computed, its V rows while its values are
 // accumulated (each request a phase ahead of its use: about the memory latency).
 template <int DT>
 void run_task(const Problem& p, const Plan& plan, const Task& t, std::deque<Workspace>& ws, float* scratch) {
     const int64_t kvh = p.a.cache.kv_heads, rows = (t.t1 - t.t0) * p.group;
-    const int64_t slot_head_bytes = kvh * p.head_bytes;  // all heads' rows of a slot
     for (int64_t kh = 0; kh < kvh; ++kh) stage_queries(p, Unit{t.seq, kh, t.t0, t.t1, t.k0, t.k1}, ws[size_t(kh)]);
-    KeyCursor keys(p, t.seq, 0, t.k0);  // head 0's rows; head kh's lie kh * head_bytes further
+    KeyCursor keys(p, t.seq, 0, t.k0);  // head 0's rows; head kh's lie kh * head_stride further
     const uint8_t *cur[W], *next[W], *head_rows[W];
     int n_next = int(std::min<int64_t>(W, t.k1 - t.k0));
     keys.next(n_next, next);
-    for (int j = 0; j < n_next; ++j) {  // the first chunk's requests all in flight at once
-        prefetch_bytes(next[j], slot_head_bytes);
-        prefetch_bytes(next[j] + p.v_bytes, slot_head_bytes);
+    for (int64_t kh = 0; kh < kvh; ++kh) {  // the first chunk's requests all in flight at once
+        for (int j = 0; j < n_next; ++j) {
+            prefetch_bytes(next[j] + kh * p.head_stride, p.head_bytes);
+            prefetch_bytes(next[j] + p.v_bytes + kh * p.head_stride, p.head_bytes);
+        }
     }
     for (int64_t kc = t.k0; kc < t.k1; kc += W) {
         const int n = n_next;
@@ -879,13 +891,13 @@ void run_task(const Problem& p, const Plan& plan, const Task& t, std::deque<Work
         n_next = int(std::clamp<int64_t>(t.k1 - kc - W, 0, W));
         keys.next(n_next, next);
         for (int64_t kh = 0; kh < kvh; ++kh) {
-            for (int j = 0; j < n_next; ++j) prefetch_bytes(next[j] + kh * p.head_bytes, p.head_bytes);
+            for (int j = 0; j < n_next; ++j) prefetch_bytes(next[j] + kh * p.head_stride, p.head_bytes);
             Workspace& w = ws[size_t(kh)];
-            for (int j = 0; j < n; ++j) head_rows[j] = cur[j] + kh * p.head_bytes;
+            for (int j = 0; j < n; ++j) head_rows[j] = cur[j] + kh * p.head_stride;
             std::fill(head_rows + n, head_rows + W, w.zero_row);
             chunk_scores<DT>(p, w, rows, head_rows);
             chunk_softmax(p, w, rows, kc, n);
-            for (int j = 0; j < n_next; ++j) prefetch_bytes(next[j] + p.v_bytes + kh * p.head_bytes, p.head_bytes);
+            for (int j = 0; j < n_next; ++j) prefetch_bytes(next[j] + p.v_bytes + kh * p.head_stride, p.head_bytes);
             chunk_values<DT>(p, w, rows, head_rows, n);
         }
     }
@@ -905,9 +917,11 @@ Problem make_problem(const AttentionArgs& a) {
     const int64_t es = kv_elem_size(c.kv_dtype), hdp = round_up(c.head_dim, W), group = a.num_heads / c.kv_heads;
     // Tiles of about 2048 / hdp rows (32 for head_dim 64): queries and outputs stay in L1 / L2.
     const int64_t tile_tokens = std::max<int64_t>(1, std::max<int64_t>(8, 2048 / hdp) / group);
-    const int64_t slot_bytes = c.kv_heads * c.head_dim * es;
-    return Problem{a, c.kv_dtype, c.head_dim, hdp, group, tile_tokens, c.head_dim * es, slot_bytes,
-                   c.num_blocks * c.block_size * slot_bytes, static_cast<const uint8_t*>(c.data)};
+    const int64_t head_bytes = c.head_dim * es, head_stride = c.block_size * head_bytes;
+    const int64_t block_bytes = c.kv_heads * head_stride;
+    return Problem{a,          c.kv_dtype,  c.head_dim,          hdp,
+                   group,      tile_tokens, head_bytes,          head_stride,
+                   block_bytes, c.num_blocks * block_bytes, static_cast<const uint8_t*>(c.data)};
 }
 
 // Tokens that no sequence owns (before query_start_loc[0] and from query_start_loc[B]) are zeros.

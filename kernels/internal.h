@@ -12,8 +12,9 @@ namespace ns {
 enum KvDtype : int { KV_F32 = 0, KV_I8 = 1, KV_FP8 = 2 };  // fp8 = float8 e4m3fn bytes
 enum WeightType : int { W_F32 = 0, W_I8 = 1, W_FP8 = 2, W_I4 = 3 };
 
-// One layer's KV cache: [2, num_blocks, block_size, kv_heads, head_dim], contiguous, of kv_dtype.
-// Slot s of K is at element s * kv_heads * head_dim; V starts num_blocks * block_size slots later.
+// One layer's KV cache: [2, num_blocks, kv_heads, block_size, head_dim], contiguous, of kv_dtype.
+// Slot s (block s / block_size, row s % block_size) of head h of K is at element
+// ((block * kv_heads + h) * block_size + row) * head_dim; V starts num_blocks blocks later.
 struct KvCache {
     void* data;
     int kv_dtype;

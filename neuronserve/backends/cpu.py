@@ -65,7 +65,7 @@ class CPUModelRunner(ChunkModelRunner):
     def _workspace(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Reused buffers the decode attention gathers K and V blocks into (see EagerAttentionPlan)."""
         if self._gather_buffers is None or self._gather_buffers[0].shape[0] < num_blocks:
-            shape = (max(num_blocks, 64), *self.kv_cache.shape[3:])  # (blocks, block_size, kvh, hd)
+            shape = (max(num_blocks, 64), *self.kv_cache.shape[3:])  # (blocks, kvh, block_size, hd)
             self._gather_buffers = (self.kv_cache.new_empty(shape), self.kv_cache.new_empty(shape))
         return self._gather_buffers
 

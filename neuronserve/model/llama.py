@@ -5,10 +5,11 @@ Every backend calls the same ``forward``. A step is flat: the new tokens of all 
 tokens ``query_start_loc[b]:query_start_loc[b+1]``. There is no data-dependent Python control flow,
 so the function traces to one static graph per (T, B, max_blocks) shape.
 
-KV cache layout: ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``. Each new
-token's K/V is written to ``slot_mapping[t]`` (``block_id * block_size + offset``; padding tokens
-write to the reserved pad block 0); each token then attends over its own sequence's context,
-gathered through the block table and masked by position.
+KV cache layout: ``[num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim]`` (within a
+block, each KV head's rows are one contiguous run). Each new token's K/V is written to
+``slot_mapping[t]`` (``block_id * block_size + offset``; padding tokens write to the reserved pad
+block 0); each token then attends over its own sequence's context, gathered through the block
+table and masked by position.
 """
 
 from __future__ import annotations
@@ -67,13 +68,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def _gather(cache: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Whole blocks ``cache[index]`` (index_select: each block is one contiguous run of memory)."""
+    """Blocks ``index`` of one layer's K or V ``cache (num_blocks, kvh, block_size, hd)``, head by
+    head: ``(kvh, len(index), block_size, hd)``, so that each head's context is one run (an
+    index_select of whole head-blocks, each a contiguous run of memory). ``out``: a buffer of at
+    least that many elements to gather into."""
+    heads_first = _raw(cache).transpose(0, 1)
     if out is None:
-        blocks = _raw(cache).index_select(0, index)
+        blocks = heads_first.index_select(1, index)
         # Only an fp8 cache needs its bytes viewed back; a same-dtype view is an op torch-xla
         # does not lower (a CPU fallback mid-graph).
         return blocks.view(cache.dtype) if blocks.dtype != cache.dtype else blocks
-    torch.index_select(_raw(cache), 0, index, out=_raw(out))
+    kvh, _, block_size, hd = heads_first.shape
+    out = out.view(-1)[: kvh * index.numel() * block_size * hd].view(kvh, index.numel(), block_size, hd)
+    torch.index_select(heads_first, 1, index, out=_raw(out))
     return out
 
 
@@ -86,7 +93,7 @@ class EagerAttentionPlan:
     one attention over its sequence's context, gathered once instead of once per token. The traced
     and Neuron paths never pass a plan, so their graphs stay free of data-dependent control flow.
 
-    ``workspace``: two buffers of whole KV blocks ``(n, block_size, kvh, hd)`` that the decode
+    ``workspace``: two buffers of whole KV blocks ``(n, kvh, block_size, hd)`` that the decode
     gather writes into, reused by every layer and step. Without them each layer allocates its
     gathered context afresh; at 32 sequences of ~500 tokens those multi-megabyte allocations went
     back to the OS and page-faulted in again, which measured up to 5x slower than the copy itself.
@@ -148,7 +155,7 @@ class Attention(nn.Module):
 
     def _load(self, x: torch.Tensor, which: int, dtype: torch.dtype) -> torch.Tensor:
         if x.dtype in (torch.int8, torch.float8_e4m3fn):
-            return x.to(dtype) * self.kv_scale[which][:, None].to(dtype)
+            return x.to(dtype) * self.kv_scale[which].view(-1, 1, 1).to(dtype)  # heads at dim -3
         return x.to(dtype)
 
     def forward(
@@ -156,7 +163,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (T, hidden)
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, kvh, hd), this layer's
+        kv_cache: torch.Tensor,  # (2, num_blocks, kvh, block_size, hd), this layer's
         slot_mapping: torch.Tensor,  # (T,)
         context_block_tables: torch.Tensor,  # (T, max_blocks): each token's sequence's blocks
         attn_mask: torch.Tensor,  # (T, 1, 1, max_blocks * block_size) bool, True = attend
@@ -205,13 +212,13 @@ class Attention(nn.Module):
             n = flat.shape[0]
             keys = _gather(kv_cache[0], flat, out=workspace[0][:n])
             values = _gather(kv_cache[1], flat, out=workspace[1][:n])
-        keys = keys.view(T, -1, self.num_kv_heads, self.head_dim)  # (T, L, kvh, hd)
-        values = values.view(T, -1, self.num_kv_heads, self.head_dim)
+        # (kvh, T * blocks, block_size, hd) -> (T, kvh, L, hd), a view
+        keys = keys.view(self.num_kv_heads, T, -1, self.head_dim).transpose(0, 1)
+        values = values.view(self.num_kv_heads, T, -1, self.head_dim).transpose(0, 1)
         # Grouped-query attention: each KV head serves num_heads / num_kv_heads query heads.
         group = self.num_heads // self.num_kv_heads
         q = q.view(T, self.num_kv_heads, group, self.head_dim)  # (T, kvh, g, hd)
-        keys = self._load(keys, 0, q.dtype).transpose(1, 2)  # (T, kvh, L, hd)
-        values = self._load(values, 1, q.dtype).transpose(1, 2)
+        keys, values = self._load(keys, 0, q.dtype), self._load(values, 1, q.dtype)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=self.scale)
         return out.reshape(T, self.num_heads, self.head_dim)
 
@@ -224,13 +231,13 @@ class Attention(nn.Module):
             tables = context_block_tables[:d]
             parts.append(self._gathered_attention(q[:d], kv_cache, tables, attn_mask[:d], plan.workspace))
         for start, end, context_len, blocks in plan.prefill_segments:
-            keys = _gather(kv_cache[0], blocks).flatten(0, 1)[:context_len]  # (ctx, kvh, hd)
-            values = _gather(kv_cache[1], blocks).flatten(0, 1)[:context_len]
+            keys = _gather(kv_cache[0], blocks).flatten(1, 2)[:, :context_len]  # (kvh, ctx, hd)
+            values = _gather(kv_cache[1], blocks).flatten(1, 2)[:, :context_len]
             mask = torch.arange(context_len)[None, :] <= positions[start:end, None]  # causal, (n, ctx)
             out = F.scaled_dot_product_attention(
                 q[start:end].transpose(0, 1),  # (nh, n, hd)
-                self._load(keys, 0, q.dtype).transpose(0, 1),  # (kvh, ctx, hd)
-                self._load(values, 1, q.dtype).transpose(0, 1),
+                self._load(keys, 0, q.dtype),  # (kvh, ctx, hd)
+                self._load(values, 1, q.dtype),
                 attn_mask=mask,
                 scale=self.scale,
                 enable_gqa=True,
@@ -326,7 +333,7 @@ class LlamaForCausalLM(nn.Module):
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """This rank's KV cache: its local KV heads (replicas included) of every layer."""
         c = self.config
-        return (c.num_hidden_layers, 2, num_blocks, block_size, self.head_layout.kv_per_rank, c.head_dim)
+        return (c.num_hidden_layers, 2, num_blocks, self.head_layout.kv_per_rank, block_size, c.head_dim)
 
     def forward(
         self,
@@ -337,7 +344,7 @@ class LlamaForCausalLM(nn.Module):
         context_lens: torch.Tensor,  # (B,) int64: tokens in each sequence after this step
         query_start_loc: torch.Tensor,  # (B + 1,) int64
         logits_indices: torch.Tensor,  # (B,) int64: the token whose logits each sequence needs
-        kv_cache: torch.Tensor,  # (layers, 2, num_blocks, block_size, kvh, hd), updated in place
+        kv_cache: torch.Tensor,  # (layers, 2, num_blocks, kvh, block_size, hd), updated in place
         plan: EagerAttentionPlan | None = None,  # eager CPU only; see EagerAttentionPlan
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.embed_tokens(input_ids)
@@ -356,7 +363,7 @@ class LlamaForCausalLM(nn.Module):
                 layers = ()
         else:
             context_block_tables, attn_mask = self._token_tables_and_mask(
-                positions, block_tables, context_lens, query_start_loc, kv_cache.shape[3]
+                positions, block_tables, context_lens, query_start_loc, kv_cache.shape[4]
             )
         for i, layer in enumerate(layers):
             x = layer(

@@ -1,7 +1,9 @@
 """Paged attention read in place, and the K/V write that precedes it: ops and torch references.
 
-A layer's cache is ``kv_cache [2, num_blocks, block_size, kv_heads, head_dim]`` (fp32, int8 or
-float8 e4m3fn; the quantized ones with per-head scales ``kv_scale [2, kv_heads]``). A step's
+A layer's cache is ``kv_cache [2, num_blocks, kv_heads, block_size, head_dim]`` (fp32, int8 or
+float8 e4m3fn; the quantized ones with per-head scales ``kv_scale [2, kv_heads]``): within a block
+each KV head's rows are one contiguous run, the layout of vLLM's CPU value cache and of the Neuron
+NKI paged-attention kernels. Slot ``s`` is row ``s % block_size`` of block ``s // block_size``. A step's
 sequences are described as the model's forward describes them: sequence ``b`` owns query tokens
 ``query_start_loc[b]:query_start_loc[b+1]`` and has ``context_lens[b]`` tokens after the step, so
 its new tokens are the last ones of its context and each attends causally.
@@ -29,18 +31,28 @@ _lib_def.define(
 
 
 # ------------------------------------------------------------------------------------ references
-def quantize_kv(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x (..., kvh, hd)`` in the cache's dtype, divided by its head's ``scale [kvh]`` if quantized."""
+def _per_head(scale: torch.Tensor, heads_dim: int) -> torch.Tensor:
+    """``scale [kvh]`` shaped to broadcast over a tensor whose heads lie at ``heads_dim`` (< 0)."""
+    return scale.view(-1, *[1] * (-heads_dim - 1))
+
+
+def quantize_kv(
+    x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, heads_dim: int = -2
+) -> torch.Tensor:
+    """``x`` in the cache's dtype, divided by its head's ``scale [kvh]`` if quantized. The heads
+    are dimension ``heads_dim`` of ``x``: -2 for new tokens ``(T, kvh, hd)``, -3 for cache blocks
+    ``(..., kvh, block_size, hd)``."""
     if dtype == torch.int8:
-        return (x / scale[:, None]).round().clamp(-127, 127).to(dtype)
+        return (x / _per_head(scale, heads_dim)).round().clamp(-127, 127).to(dtype)
     if dtype == torch.float8_e4m3fn:
-        return (x / scale[:, None]).clamp(-448, 448).to(dtype)
+        return (x / _per_head(scale, heads_dim)).clamp(-448, 448).to(dtype)
     return x.to(dtype)
 
 
-def dequantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor, heads_dim: int = -2) -> torch.Tensor:
+    """``x`` as float32, times its head's ``scale [kvh]`` if quantized (heads at ``heads_dim``)."""
     if x.dtype in QMAX:
-        return x.float() * scale[:, None]
+        return x.float() * _per_head(scale, heads_dim)
     return x.float()
 
 
@@ -49,12 +61,22 @@ def raw_kv(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
+def cache_rows(slot_mapping: torch.Tensor, kv_heads: int, block_size: int) -> torch.Tensor:
+    """``[T * kv_heads]``: the rows of a layer's K (or V) cache seen as ``(-1, head_dim)`` that
+    tokens ``t``'s heads are written to, token-major (the order of ``k.reshape(-1, head_dim)``)."""
+    block, offset = slot_mapping // block_size, slot_mapping % block_size
+    heads = torch.arange(kv_heads, device=slot_mapping.device)
+    return ((block[:, None] * kv_heads + heads) * block_size + offset[:, None]).reshape(-1)
+
+
 def write_kv_reference(k, v, kv_cache, slot_mapping, kv_scale) -> None:
-    """Torch composite of ``write_kv``: quantize and ``index_copy_`` into the flat slots."""
-    kvh, hd = kv_cache.shape[-2:]
+    """Torch composite of ``write_kv``: quantize and ``index_copy_`` each head's row into place."""
+    kvh, block_size, hd = kv_cache.shape[-3:]
+    rows = cache_rows(slot_mapping, kvh, block_size)
     for which, x in ((0, k), (1, v)):
-        slots = kv_cache[which].view(-1, kvh, hd)
-        raw_kv(slots).index_copy_(0, slot_mapping, raw_kv(quantize_kv(x, kv_scale[which], kv_cache.dtype)))
+        flat = kv_cache[which].view(-1, hd)
+        new = quantize_kv(x, kv_scale[which], kv_cache.dtype).reshape(-1, hd)
+        raw_kv(flat).index_copy_(0, rows, raw_kv(new))
 
 
 def paged_attention_reference(
@@ -62,7 +84,7 @@ def paged_attention_reference(
 ) -> torch.Tensor:
     """Torch composite of ``paged_attention``: per sequence, gather its blocks, causal SDPA."""
     T, nh, hd = q.shape
-    block_size, kvh = kv_cache.shape[2], kv_cache.shape[3]
+    kvh, block_size = kv_cache.shape[2], kv_cache.shape[3]
     out = q.new_zeros(T, nh, hd)
     for b in range(block_tables.shape[0]):
         start, end = int(query_start_loc[b]), int(query_start_loc[b + 1])
@@ -70,15 +92,17 @@ def paged_attention_reference(
         if end == start:
             continue
         blocks = block_tables[b, : -(-ctx // block_size)]
-        keys = raw_kv(kv_cache[0]).index_select(0, blocks).view(kv_cache.dtype).flatten(0, 1)[:ctx]
-        values = raw_kv(kv_cache[1]).index_select(0, blocks).view(kv_cache.dtype).flatten(0, 1)[:ctx]
-        keys, values = dequantize_kv(keys, kv_scale[0]), dequantize_kv(values, kv_scale[1])
+        # (blocks, kvh, block_size, hd) -> (kvh, ctx, hd)
+        keys = raw_kv(kv_cache[0]).index_select(0, blocks).view(kv_cache.dtype).transpose(0, 1)
+        values = raw_kv(kv_cache[1]).index_select(0, blocks).view(kv_cache.dtype).transpose(0, 1)
+        keys = dequantize_kv(keys.flatten(1, 2)[:, :ctx], kv_scale[0], heads_dim=-3)
+        values = dequantize_kv(values.flatten(1, 2)[:, :ctx], kv_scale[1], heads_dim=-3)
         positions = torch.arange(ctx - (end - start), ctx)
         mask = torch.arange(ctx)[None, :] <= positions[:, None]  # (n, ctx)
         o = F.scaled_dot_product_attention(
             q[start:end].transpose(0, 1),  # (nh, n, hd)
-            keys.transpose(0, 1),  # (kvh, ctx, hd)
-            values.transpose(0, 1),
+            keys,  # (kvh, ctx, hd)
+            values,
             attn_mask=mask,
             scale=scale,
             enable_gqa=nh != kvh,
@@ -93,12 +117,12 @@ def _check_cache(kv_cache: torch.Tensor, kv_scale: torch.Tensor) -> None:
         raise ValueError(f"kv_cache: dtype {kv_cache.dtype} is not float32, int8 or float8_e4m3fn")
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
         raise ValueError(
-            f"kv_cache: shape {tuple(kv_cache.shape)} is not (2, blocks, block_size, kv_heads, hd)"
+            f"kv_cache: shape {tuple(kv_cache.shape)} is not (2, blocks, kv_heads, block_size, hd)"
         )
     if not kv_cache.is_contiguous():
         raise ValueError("kv_cache: must be contiguous")
-    if kv_scale.dtype != torch.float32 or tuple(kv_scale.shape) != (2, kv_cache.shape[3]):
-        raise ValueError(f"kv_scale: expected float32 of shape (2, {kv_cache.shape[3]})")
+    if kv_scale.dtype != torch.float32 or tuple(kv_scale.shape) != (2, kv_cache.shape[2]):
+        raise ValueError(f"kv_scale: expected float32 of shape (2, {kv_cache.shape[2]})")
     if not kv_scale.is_contiguous():
         raise ValueError("kv_scale: must be contiguous")
 
@@ -113,7 +137,7 @@ def _check(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple) -> None
 
 
 def _cache_args(kv_cache: torch.Tensor, kv_scale: torch.Tensor) -> tuple:
-    _, num_blocks, block_size, kvh, hd = kv_cache.shape
+    _, num_blocks, kvh, block_size, hd = kv_cache.shape
     dtype = _KV_DTYPES[kv_cache.dtype]
     return kv_cache.data_ptr(), dtype, num_blocks, block_size, kvh, hd, kv_scale.data_ptr()
 
@@ -123,7 +147,7 @@ def _write_kv_cpu(k, v, kv_cache, slot_mapping, kv_scale) -> None:
     if _lib.LIB is None:
         return write_kv_reference(k, v, kv_cache, slot_mapping, kv_scale)
     _check_cache(kv_cache, kv_scale)
-    kvh, hd = kv_cache.shape[3:]
+    kvh, hd = kv_cache.shape[2], kv_cache.shape[4]
     T = slot_mapping.shape[0]
     _check("slot_mapping", slot_mapping, torch.int64, (T,))
     _check("k", k, torch.float32, (T, kvh, hd))

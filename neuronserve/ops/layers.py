@@ -149,7 +149,7 @@ class NativeDecoderStack:
         x = x.clone(memory_format=torch.contiguous_format)  # (the stack updates it in place)
         cos, rolled_sin = cos.contiguous(), rolled_sin.contiguous()
         B, max_blocks = block_tables.shape
-        _, _, num_blocks, block_size, kvh, hd = kv_cache.shape
+        _, _, num_blocks, kvh, block_size, hd = kv_cache.shape
         for name, t, shape in (
             ("slot_mapping", slot_mapping, (T,)),
             ("block_tables", block_tables, (B, max_blocks)),

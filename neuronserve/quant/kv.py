@@ -38,7 +38,7 @@ def calibrate_kv_scales(model, token_ids: Sequence[int], dtype: torch.dtype, blo
     for layer in model.layers:
         layer.self_attn.kv_scale.fill_(1.0)
     model(*inputs.as_args(), kv)
-    written = kv[:, :, 1:].flatten(2, 3)[:, :, :n]  # (layers, 2, n, kvh, hd)
-    amax = written.abs().amax(dim=(2, 4))  # (layers, 2, kvh)
+    written = kv[:, :, 1:].transpose(2, 3).flatten(3, 4)[:, :, :, :n]  # (layers, 2, kvh, n, hd)
+    amax = written.abs().amax(dim=(3, 4))  # (layers, 2, kvh)
     for layer, peak in zip(model.layers, amax):
         layer.self_attn.kv_scale.copy_((peak * HEADROOM / QMAX[dtype]).clamp(min=1e-6))

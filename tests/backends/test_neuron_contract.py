@@ -101,6 +101,6 @@ def test_tensor_parallel_traces_through_neuronx_distributed(fake, monkeypatch, t
             (layout.q_per_rank + 2 * layout.kv_per_rank) * hd,
             model.config.hidden_size,
         )
-        assert call["kv_cache_shape"][4] == layout.kv_per_rank
+        assert call["kv_cache_shape"][3] == layout.kv_per_rank
         assert call["logits_shape"] == (bucket.num_seqs, model.config.vocab_size)  # gathered, trimmed
     assert runner.run_chunks([SeqChunk([3, 4], 0, [1])]).shape == (1, model.config.vocab_size)

@@ -39,7 +39,7 @@ FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 def random_cache(shape, dtype, gen) -> tuple[torch.Tensor, torch.Tensor]:
     """A cache of ``shape`` in ``dtype`` and its per-head scales, dequantizing to values of about
     unit size (fp8: every byte but the two NaN codes, subnormals included)."""
-    kvh = shape[3]
+    kvh = shape[2]
     if dtype == torch.float32:
         return torch.randn(shape, generator=gen), torch.ones(2, kvh)
     if dtype == torch.int8:
@@ -60,7 +60,7 @@ def make_batch(seqs, kvh, group, hd, block_size, dtype, seed, *, lead=0, pad=0, 
     needed = [-(-ctx // block_size) for _, ctx in seqs]
     max_blocks = max([1, *needed]) + int(torch.randint(0, 3, (1,), generator=gen))
     num_blocks = max(1, sum(needed)) + 2
-    cache, kv_scale = random_cache((2, num_blocks, block_size, kvh, hd), dtype, gen)
+    cache, kv_scale = random_cache((2, num_blocks, kvh, block_size, hd), dtype, gen)
     if junk == "random":
         tables = torch.randint(0, num_blocks, (B, max_blocks), generator=gen)
     else:
@@ -84,7 +84,7 @@ def make_batch(seqs, kvh, group, hd, block_size, dtype, seed, *, lead=0, pad=0, 
 def tolerance(cache, kv_scale) -> float:
     """fp32 in another order: a few ulps of the values averaged (and for int8 / fp8, of scores that
     the reference computes from dequantized keys, the kernel with the scale folded into q)."""
-    values = (cache.float() * kv_scale[:, None, None, :, None]).abs().max().item()
+    values = (cache.float() * kv_scale[:, None, :, None, None]).abs().max().item()
     return (2e-5 if cache.dtype == torch.float32 else 6e-5) * max(1.0, values)
 
 
@@ -230,7 +230,7 @@ def test_write_kv_is_byte_exact(tokens, kvh, hd, block_size, dtype, pow2_scale, 
     )
     if dtype == torch.int8:  # NaN -> int8 is undefined in C++: torch's own result is platform-dependent
         k, v = k.nan_to_num(nan=3.0), v.nan_to_num(nan=-3.0)
-    initial, _ = random_cache((2, num_blocks, block_size, kvh, hd), dtype, gen)
+    initial, _ = random_cache((2, num_blocks, kvh, block_size, hd), dtype, gen)
     expected = initial.clone()
     write_kv_reference(k, v, expected, slots, kv_scale)
     for isa in ISAS:
@@ -252,7 +252,7 @@ def test_write_then_attend_a_prefill(two_threads, dtype):
     """A long prefill's K/V written (over threads) then attended: the model's order of calls."""
     gen = torch.Generator().manual_seed(4)
     T, kvh, group, hd, bs = 600, 3, 3, 64, 16
-    cache = torch.zeros(2, T // bs + 4, bs, kvh, hd).to(dtype)
+    cache = torch.zeros(2, T // bs + 4, kvh, bs, hd).to(dtype)
     kv_scale = (
         torch.rand(2, kvh, generator=gen) * 0.02 + 0.01 if dtype != torch.float32 else torch.ones(2, kvh)
     )
@@ -265,6 +265,24 @@ def test_write_then_attend_a_prefill(two_threads, dtype):
     assert torch.equal(cache.view(torch.uint8), expected_cache.view(torch.uint8))
     q = torch.randn(T, kvh * group, hd, generator=gen)
     check_attention((q, cache, tables, torch.tensor([0, T]), torch.tensor([T]), kv_scale, hd**-0.5))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "reference"])
+def test_write_kv_layout(native):
+    """The documented layout: slot s of head h is kv_cache[:, s // block_size, h, s % block_size]."""
+    if native and ops.attention._lib.LIB is None:
+        pytest.skip("native kernels not built")
+    kvh, bs, hd, num_blocks = 3, 4, 8, 5
+    slots = torch.tensor([0, 7, 13, 18])
+    k = torch.arange(len(slots) * kvh * hd, dtype=torch.float32).view(len(slots), kvh, hd)
+    v = -k
+    cache, scale = torch.zeros(2, num_blocks, kvh, bs, hd), torch.ones(2, kvh)
+    (write_kv if native else write_kv_reference)(k, v, cache, slots, scale)
+    for t, s in enumerate(slots.tolist()):
+        for h in range(kvh):
+            assert torch.equal(cache[0, s // bs, h, s % bs], k[t, h])
+            assert torch.equal(cache[1, s // bs, h, s % bs], v[t, h])
+    assert int((cache != 0).sum()) == 2 * k.numel() - 2  # nothing else written (k[0, 0, 0] is 0)
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -303,7 +321,7 @@ def test_paged_attention_rejects_bad_arguments(change, match):
 
 @needs_native
 def test_write_kv_rejects_bad_arguments():
-    cache = torch.zeros(2, 3, 4, 2, 16, dtype=torch.int8)
+    cache = torch.zeros(2, 3, 2, 4, 16, dtype=torch.int8)
     k = v = torch.randn(2, 2, 16)
     scale = torch.ones(2, 2)
     with pytest.raises(ValueError, match="^slot_mapping: slot 12"):

@@ -65,7 +65,7 @@ def assert_ranks_match_tp1(name, model_dirs, results, tp):
         assert shapes["embed_tokens.weight"] == (-(-211 // tp), hidden)
         if not CONFIGS[name][2]:
             assert shapes["lm_head.weight"] == (-(-211 // tp), hidden)
-        assert shapes["kv_cache"] == (2, 2, 8, 4, layout.kv_per_rank, hd)
+        assert shapes["kv_cache"] == (2, 2, 8, layout.kv_per_rank, 4, hd)
         # every rank computes the same gathered logits
         torch.testing.assert_close(result["eager"][-1], results[0]["eager"][-1])
 
