@@ -69,19 +69,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def _gather(cache: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Blocks ``index`` of one layer's K or V ``cache (num_blocks, kvh, block_size, hd)``, head by
-    head: ``(kvh, len(index), block_size, hd)``, so that each head's context is one run (an
-    index_select of whole head-blocks, each a contiguous run of memory). ``out``: a buffer of at
-    least that many elements to gather into."""
-    heads_first = _raw(cache).transpose(0, 1)
+    head: ``(kvh, len(index), block_size, hd)``, so that each head's context is one run. One
+    index_select of whole head-blocks (each a contiguous run of memory) over the cache seen as
+    ``(num_blocks * kvh, block_size, hd)``: ~2x faster than the token-major gather it replaced,
+    ~10x faster than index_select along the block dimension of a heads-first view. ``out``: a
+    buffer of at least that many elements to gather into."""
+    num_blocks, kvh, block_size, hd = cache.shape
+    rows = (index[None, :] * kvh + torch.arange(kvh, device=index.device)[:, None]).reshape(-1)
+    flat = _raw(cache).view(num_blocks * kvh, block_size, hd)
     if out is None:
-        blocks = heads_first.index_select(1, index)
+        blocks = flat.index_select(0, rows).view(kvh, index.numel(), block_size, hd)
         # Only an fp8 cache needs its bytes viewed back; a same-dtype view is an op torch-xla
         # does not lower (a CPU fallback mid-graph).
         return blocks.view(cache.dtype) if blocks.dtype != cache.dtype else blocks
-    kvh, _, block_size, hd = heads_first.shape
-    out = out.view(-1)[: kvh * index.numel() * block_size * hd].view(kvh, index.numel(), block_size, hd)
-    torch.index_select(heads_first, 1, index, out=_raw(out))
-    return out
+    out = out.view(-1)[: rows.numel() * block_size * hd].view(rows.numel(), block_size, hd)
+    torch.index_select(flat, 0, rows, out=_raw(out))
+    return out.view(kvh, index.numel(), block_size, hd)
 
 
 @dataclass
