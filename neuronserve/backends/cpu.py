@@ -21,6 +21,7 @@ from neuronserve.backends.base import (
     register_backend,
 )
 from neuronserve.backends.cpu_layout import use_transposed_linears
+from neuronserve.backends.hugepages import huge_page_zeros
 from neuronserve.backends.inputs import (
     DecodeInputs,
     SeqChunk,
@@ -58,7 +59,7 @@ class CPUModelRunner(ChunkModelRunner):
         self.scheduler_config = scheduler_config
         dtype = cache_dtype or kv_cache_torch_dtype(cache_config, next(model.parameters()).dtype)
         shape = model.kv_cache_shape(cache_config.num_blocks, cache_config.block_size)
-        self.kv_cache = torch.zeros(shape, dtype=dtype)
+        self.kv_cache = huge_page_zeros(shape, dtype)  # blocks scattered over it: fewer TLB misses
         self._gather_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._decode_inputs = DecodeInputs(cache_config.block_size)
 
