@@ -64,15 +64,19 @@ def raw_kv(t: torch.Tensor) -> torch.Tensor:
 def cache_rows(slot_mapping: torch.Tensor, kv_heads: int, block_size: int) -> torch.Tensor:
     """``[T * kv_heads]``: the rows of a layer's K (or V) cache seen as ``(-1, head_dim)`` that
     tokens ``t``'s heads are written to, token-major (the order of ``k.reshape(-1, head_dim)``)."""
-    block, offset = slot_mapping // block_size, slot_mapping % block_size
+    # Slots are never negative: truncating division, without floor division's sign fix-ups
+    # (which torch-xla lowers to a dozen instructions per layer).
+    block = torch.div(slot_mapping, block_size, rounding_mode="trunc")
+    offset = slot_mapping - block * block_size
     heads = torch.arange(kv_heads, device=slot_mapping.device)
     return ((block[:, None] * kv_heads + heads) * block_size + offset[:, None]).reshape(-1)
 
 
-def write_kv_reference(k, v, kv_cache, slot_mapping, kv_scale) -> None:
-    """Torch composite of ``write_kv``: quantize and ``index_copy_`` each head's row into place."""
+def write_kv_reference(k, v, kv_cache, slot_mapping, kv_scale, rows=None) -> None:
+    """Torch composite of ``write_kv``: quantize and ``index_copy_`` each head's row into place
+    (``rows``: ``cache_rows(slot_mapping)`` when the caller has it)."""
     kvh, block_size, hd = kv_cache.shape[-3:]
-    rows = cache_rows(slot_mapping, kvh, block_size)
+    rows = cache_rows(slot_mapping, kvh, block_size) if rows is None else rows
     for which, x in ((0, k), (1, v)):
         flat = kv_cache[which].view(-1, hd)
         new = quantize_kv(x, kv_scale[which], kv_cache.dtype).reshape(-1, hd)
