@@ -284,31 +284,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, group)
 
-    def forward(
-        self,
-        x,
-        cos,
-        sin,
-        kv_cache,
-        slot_mapping,
-        context_block_tables,
-        attn_mask,
-        positions,
-        plan=None,
-        cache_index=None,
-    ):
-        x = x + self.self_attn(
-            self.input_layernorm(x),
-            cos,
-            sin,
-            kv_cache,
-            slot_mapping,
-            context_block_tables,
-            attn_mask,
-            positions,
-            plan,
-            cache_index,
-        )
+    def forward(self, x, *attention_inputs):
+        """``attention_inputs``: ``Attention.forward``'s arguments after ``x`` (cos, sin, this layer's
+        cache, slot_mapping, context_block_tables, attn_mask, positions, plan, cache_index)."""
+        x = x + self.self_attn(self.input_layernorm(x), *attention_inputs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
