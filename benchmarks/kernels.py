@@ -81,7 +81,15 @@ def timed(fn, min_seconds: float = 0.3, min_runs: int = 3) -> float:
     return statistics.median(times)
 
 
-def cold_paired(call, copies: list, nbytes: float, min_pairs: int = 60, min_seconds: float = 1.0) -> dict:
+def cold_paired(
+    call,
+    copies: list,
+    nbytes: float,
+    bandwidth: float,
+    unit: str,
+    min_pairs: int = 60,
+    min_seconds: float = 1.0,
+) -> dict:
     """``call(copy)`` from DRAM against a plain read of the same bytes, timed in turn.
 
     Each turn sums a cold buffer of ``nbytes`` (the streaming read the machine's bandwidth is
@@ -90,7 +98,8 @@ def cold_paired(call, copies: list, nbytes: float, min_pairs: int = 60, min_seco
     second to the next, so a kernel's median set against one bandwidth figure measured minutes
     earlier says as much about the neighbours as about the kernel; the median of these paired
     ratios does not.
-    Returns median seconds of the call and of the read, and that median ratio."""
+    Returns the report's cold fields: the call's median ms and GB/s (``cold_{unit}_gb_s``), the
+    paired read's GB/s, the median paired ratio, and the fraction of the run's ``bandwidth``."""
     reads = [huge_page_zeros((int(nbytes) // 4,), torch.float32).fill_(1.0) for _ in copies]
     call(copies[0])
     reads[0].sum()
@@ -105,10 +114,13 @@ def cold_paired(call, copies: list, nbytes: float, min_pairs: int = 60, min_seco
         call(c)
         t_call.append(time.perf_counter() - t0)
         i += 1
+    call_s, read_s = statistics.median(t_call), statistics.median(t_read)
     return {
-        "call_s": statistics.median(t_call),
-        "read_s": statistics.median(t_read),
-        "fraction": statistics.median(r / c for r, c in zip(t_read, t_call)),
+        "cold_native_ms": round(call_s * 1e3, 3),
+        f"cold_{unit}_gb_s": round(nbytes / call_s / 1e9, 2),
+        "cold_read_gb_s": round(nbytes / read_s / 1e9, 2),
+        "cold_bandwidth_fraction": round(statistics.median(r / c for r, c in zip(t_read, t_call)), 3),
+        "cold_fraction_of_run_bandwidth": round(nbytes / call_s / 1e9 / bandwidth, 3),
     }
 
 
@@ -161,7 +173,7 @@ def attention_case(
     with torch.inference_mode():
         torch.testing.assert_close(native(), reference(), atol=2e-3, rtol=2e-3)
         t_native, t_torch = timed(native), timed(reference)
-        cold = None
+        cold = {}
         if new_tokens == 1:  # decode: also from DRAM, one cache copy per call in turn
             # Allocated as the CPU backend allocates its cache (huge pages where the system allows).
             copies = [
@@ -171,10 +183,12 @@ def attention_case(
                 lambda c: ops.paged_attention(q, c, tables, qsl, ctx, attn.kv_scale, attn.scale),
                 copies,
                 kv_bytes,
+                bandwidth,
+                "kv",
             )
             del copies
     gbs = kv_bytes / t_native / 1e9
-    result = {
+    return {
         "case": f"{num_seqs} seq x {context} ctx, {new_tokens} new"
         + ("" if block == BLOCK else f", block {block}"),
         "block_size": block,
@@ -184,17 +198,8 @@ def attention_case(
         "speedup": round(t_torch / t_native, 2),
         "kv_gb_s": round(gbs, 2),
         "bandwidth_fraction": round(gbs / bandwidth, 3),
+        **cold,
     }
-    if cold is not None:
-        cold_gbs = kv_bytes / cold["call_s"] / 1e9
-        result.update(
-            cold_native_ms=round(cold["call_s"] * 1e3, 3),
-            cold_kv_gb_s=round(cold_gbs, 2),
-            cold_read_gb_s=round(kv_bytes / cold["read_s"] / 1e9, 2),  # the paired plain read
-            cold_bandwidth_fraction=round(cold["fraction"], 3),  # of the paired read
-            cold_fraction_of_run_bandwidth=round(cold_gbs / bandwidth, 3),
-        )
-    return result
 
 
 # ------------------------------------------------------------------------------------ linear
@@ -249,18 +254,14 @@ def linear_cases(rows: list[int], shapes: list[str], bandwidth: float, peak: flo
                     t_torch = timed(lambda layer=layer, x=x: layer(x))
                     if m == 1:  # GEMV: also from DRAM, one weight copy per call in turn
                         copies = [weight.clone() for _ in range(cold_copies(weight_bytes))]
-                        paired = cold_paired(lambda w, native=native, x=x: native(x, w), copies, weight_bytes)
+                        cold = cold_paired(
+                            lambda w, native=native, x=x: native(x, w),
+                            copies,
+                            weight_bytes,
+                            bandwidth,
+                            "weight",
+                        )
                         del copies
-                        t_cold = paired["call_s"]
-                        cold = {
-                            "cold_native_ms": round(t_cold * 1e3, 3),
-                            "cold_weight_gb_s": round(weight_bytes / t_cold / 1e9, 2),
-                            "cold_read_gb_s": round(weight_bytes / paired["read_s"] / 1e9, 2),
-                            "cold_bandwidth_fraction": round(paired["fraction"], 3),
-                            "cold_fraction_of_run_bandwidth": round(
-                                weight_bytes / t_cold / 1e9 / bandwidth, 3
-                            ),
-                        }
                 results.append(
                     {
                         "shape": name,
