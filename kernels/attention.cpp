@@ -939,9 +939,10 @@ Problem make_problem(const AttentionArgs& a) {
     const int64_t tile_tokens = std::max<int64_t>(1, std::max<int64_t>(8, 2048 / hdp) / group);
     const int64_t head_bytes = c.head_dim * es, head_stride = c.block_size * head_bytes;
     const int64_t block_bytes = c.kv_heads * head_stride;
-    return Problem{a,          c.kv_dtype,  c.head_dim,          hdp,
-                   group,      tile_tokens, head_bytes,          head_stride,
-                   block_bytes, c.num_blocks * block_bytes, static_cast<const uint8_t*>(c.data)};
+    const int64_t v_bytes = c.num_blocks * block_bytes;
+    const auto* cache = static_cast<const uint8_t*>(c.data);
+    return Problem{a, c.kv_dtype, c.head_dim, hdp, group, tile_tokens, head_bytes, head_stride, block_bytes, v_bytes,
+                   cache};
 }
 
 // Tokens that no sequence owns (before query_start_loc[0] and from query_start_loc[B]) are zeros.

@@ -24,7 +24,7 @@ from torch import nn
 
 from neuronserve import ops
 from neuronserve.config import ModelConfig
-from neuronserve.ops.attention import cache_rows, write_kv_reference
+from neuronserve.ops.attention import cache_rows, head_block_rows, write_kv_reference
 from neuronserve.ops.attention import raw_kv as _raw
 from neuronserve.parallel.group import SINGLE, TPGroup
 from neuronserve.parallel.heads import HeadLayout
@@ -65,12 +65,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate ``x [T, heads, head_dim]`` by ``cos/sin [T, 1, head_dim]`` (the rotate-half layout)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def head_block_rows(index: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """``[kv_heads * len(index)]``: blocks ``index``'s rows of a cache seen as
-    ``(num_blocks * kv_heads, block_size, hd)``, head by head."""
-    return (index[None, :] * kv_heads + torch.arange(kv_heads, device=index.device)[:, None]).reshape(-1)
 
 
 def _gather(

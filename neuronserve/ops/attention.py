@@ -72,6 +72,12 @@ def cache_rows(slot_mapping: torch.Tensor, kv_heads: int, block_size: int) -> to
     return ((block[:, None] * kv_heads + heads) * block_size + offset[:, None]).reshape(-1)
 
 
+def head_block_rows(index: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[kv_heads * len(index)]``: the rows of blocks ``index`` in a layer's K (or V) cache seen
+    as ``(num_blocks * kv_heads, block_size, head_dim)``, head by head (each a contiguous run)."""
+    return (index[None, :] * kv_heads + torch.arange(kv_heads, device=index.device)[:, None]).reshape(-1)
+
+
 def write_kv_reference(k, v, kv_cache, slot_mapping, kv_scale, rows=None) -> None:
     """Torch composite of ``write_kv``: quantize and ``index_copy_`` each head's row into place
     (``rows``: ``cache_rows(slot_mapping)`` when the caller has it)."""
