@@ -89,7 +89,7 @@ void pack16(const int8_t* w, int64_t K, int rows, uint8_t* dst, const int8_t* ah
         const __mmask64 mask = n == 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1;
         __m512i a[16], t[16], u[16];
         if (ahead != nullptr)
-            for (int r = 0; r < 16; ++r) __builtin_prefetch(ahead + r * K + k, 0, 2);
+            for (int r = 0; r < 16; ++r) prefetch_l2(ahead + r * K + k);
         for (int r = 0; r < 16; ++r)
             a[r] = r < rows ? _mm512_maskz_loadu_epi8(mask, w + r * K + k) : _mm512_setzero_si512();
         for (int r = 0; r < 16; r += 2) {  // per 128-bit lane L: rows r, r+1 of groups 4L..4L+3
@@ -132,7 +132,7 @@ void tile(const LinearArgs& a, const QuantX& q, int64_t m0, const uint8_t* wp, i
     for (int64_t b = 0; b < blocks; ++b) {
         if (ahead != nullptr) {
             for (int v = 0; v < NV_; ++v)
-                for (int line = 0; line < 8; ++line) __builtin_prefetch(ahead + v * K * 16 + b * 512 + line * 64, 0, 2);
+                for (int line = 0; line < 8; ++line) prefetch_l2(ahead + v * K * 16 + b * 512 + line * 64);
         }
         __m512i even[MR_][NV_], odd[MR_][NV_];
         for (int i = 0; i < MR_; ++i) {
