@@ -571,60 +571,60 @@ class KeyCursor {
     int64_t block_size_, block_bytes_, head_bytes_, index_, offset_;
 };
 
-// A chunk's cache rows of one head, requested into L2 a chunk ahead of use: blocks are scattered,
-// so the hardware prefetchers cannot guess where the next one lies. Into L2 rather than L1: the
-// many requests of a chunk into L1 stall on its few miss buffers (measured: slower than none).
-// Each line once, from the one holding a run's first byte to the one holding its last; rows that
-// lie back to back (within one block, the usual case) are one run. The requests are spread over
-// the loops that compute the current chunk (step() once a turn), so that memory streams while
-// the arithmetic runs: all of a chunk's requests at once stall the core on its miss buffers with
-// the arithmetic waiting behind them (measured: cold fp32 decode at 32 x 512 ~10% faster spread,
-// 1.53 -> 1.38 ms).
+// The next chunk's cache rows, requested into L2 a chunk ahead of use: blocks are scattered, so
+// the hardware prefetchers cannot guess where the next one lies. Into L2 rather than L1: the many
+// requests of a chunk into L1 stall on its few miss buffers (measured: slower than none). Each
+// line once, from the one holding a run's first byte to the one holding its last; rows that lie
+// back to back (within one block, the usual case) are one run, found once a chunk (plan) for
+// every head's K and V rows (arm: at an offset from them).
+// fp32 rows are requested a few lines per turn of the loops that compute the current chunk
+// (step()), so that memory streams while the arithmetic runs: all of a chunk's requests at once
+// stall the core on its miss buffers with the arithmetic waiting behind them (measured: cold fp32
+// decode at 32 x 512 ~10% faster spread, 1.53 -> 1.38 ms). A quantized chunk's rows, 16 lines a
+// head, go at once (drain() right after arm()).
 class Prefetcher {
    public:
-    // Up to this many lines (a quantized cache's chunk) are requested at once: spread, their
-    // requests cost more than the stalls they save (measured: int8 KV ~8% slower spread).
-    static constexpr int64_t kBurstLines = 16;
-
-    // Rows rows[j] + offset (bytes bytes each) of n keys, to be requested over `steps` calls of
-    // step() (all at once by drain()).
-    void arm(const uint8_t* const* rows, int n, int64_t offset, int64_t bytes, int steps) {
-        runs_ = cur_ = 0;
-        int64_t total = 0;
+    // The n rows (each `bytes` long) of the next chunk, as runs.
+    void plan(const uint8_t* const* rows, int n, int64_t bytes) {
+        runs_ = 0;
         for (int j = 0; j < n;) {
             int e = j + 1;
             while (e < n && rows[e] == rows[j] + (e - j) * bytes) ++e;
-            const uint8_t* first = rows[j] + offset;
-            const int64_t skew = int64_t(reinterpret_cast<uintptr_t>(first) & 63);
-            run_[runs_++] = {first - skew, (skew + (e - j) * bytes + 63) / 64};
-            total += run_[runs_ - 1].lines;
+            run_[runs_++] = {rows[j], (e - j) * bytes};
             j = e;
         }
-        quota_ = steps > 0 ? (total + steps - 1) / steps : total;
-        if (total <= kBurstLines) drain();
     }
-    void step() {
-        if (cur_ < runs_) issue(quota_);
+    // Requests for the planned rows `offset` bytes further on, `quota` lines a step().
+    void arm(int64_t offset, int64_t quota) {
+        offset_ = offset, quota_ = quota;
+        cur_ = 0, left_ = 0;
     }
+    void step() { issue(quota_); }
     void drain() { issue(std::numeric_limits<int64_t>::max()); }
 
    private:
     void issue(int64_t k) {
-        while (k > 0 && cur_ < runs_) {
-            Run& r = run_[cur_];
-            const int64_t m = std::min(k, r.lines);
-            for (int64_t i = 0; i < m; ++i) prefetch_l2(r.line + 64 * i);
-            r.line += 64 * m, r.lines -= m, k -= m;
-            if (r.lines == 0) ++cur_;
+        while (k > 0) {
+            if (left_ == 0) {  // the next run's lines
+                if (cur_ == runs_) return;
+                const uint8_t* first = run_[cur_].start + offset_;
+                const int64_t skew = int64_t(reinterpret_cast<uintptr_t>(first) & 63);
+                line_ = first - skew, left_ = (skew + run_[cur_].bytes + 63) / 64;
+                ++cur_;
+            }
+            const int64_t m = std::min(k, left_);
+            for (int64_t i = 0; i < m; ++i) prefetch_l2(line_ + 64 * i);
+            line_ += 64 * m, left_ -= m, k -= m;
         }
     }
     struct Run {
-        const uint8_t* line;
-        int64_t lines;
+        const uint8_t* start;
+        int64_t bytes;
     };
     Run run_[W];
     int runs_ = 0, cur_ = 0;
-    int64_t quota_ = 0;
+    int64_t offset_ = 0, quota_ = 0, left_ = 0;
+    const uint8_t* line_ = nullptr;
 };
 
 // Scores of R query rows against the chunk's n keys read as rows (no transpose): a vector of
@@ -636,7 +636,9 @@ void qk_dot(const float* q, int64_t hdp, const uint8_t* const* rows, int64_t hea
     const int64_t hd = HD > 0 ? HD : head_dim, full = hd / W * W;
     vf folded[R][W / 4];
     for (int g = 0; g < W / 4; ++g) {  // keys 4g..4g+3
-        if (pf != nullptr) pf->step();
+        if constexpr (DT == KV_F32) {  // (a quantized chunk's requests went at once)
+            if (pf != nullptr) pf->step();
+        }
         const uint8_t* k[4] = {rows[4 * g], rows[4 * g + 1], rows[4 * g + 2], rows[4 * g + 3]};
         vf acc[R][4];
         for (int r = 0; r < R; ++r)
@@ -675,7 +677,9 @@ void pv_tile(float* o, int64_t hdp, const float* p, const uint8_t* const* v, int
     for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) acc[r][c] = vload(o + r * hdp + c * W);
     for (int j = 0; j < n; ++j) {
-        if (pf != nullptr) pf->step();
+        if constexpr (DT == KV_F32) {  // (a quantized chunk's requests went at once)
+            if (pf != nullptr) pf->step();
+        }
         vf vv[C];
         for (int c = 0; c < C; ++c) vv[c] = load_cvt<DT>(v[j] + (offset + c * W) * es);
         for (int r = 0; r < R; ++r) {
@@ -935,11 +939,17 @@ void run_task(const Problem& p, const Plan& plan, const Task& t, std::deque<Work
     KeyCursor keys(p, t.seq, 0, t.k0);  // head 0's rows; head kh's lie kh * head_stride further
     const uint8_t *cur[W], *next[W], *head_rows[W];
     Prefetcher pf;
+    // Lines a turn: the score loop's W / 4 turns and the value loop's W (a turn a key) each
+    // request a chunk's rows of one head; quantized chunks at once.
+    const int64_t chunk_lines = (W * p.head_bytes + 63) / 64;
+    const int64_t k_quota = DT == KV_F32 ? (chunk_lines + W / 4 - 1) / (W / 4) : 0;
+    const int64_t v_quota = DT == KV_F32 ? (chunk_lines + W - 1) / W : 0;
     int n_next = int(std::min<int64_t>(W, t.k1 - t.k0));
     keys.next(n_next, next);
+    pf.plan(next, n_next, p.head_bytes);
     for (int64_t kh = 0; kh < kvh; ++kh) {  // the first chunk's requests all in flight at once
         for (const int64_t offset : {kh * p.head_stride, p.v_bytes + kh * p.head_stride}) {
-            pf.arm(next, n_next, offset, p.head_bytes, 1);
+            pf.arm(offset, 0);
             pf.drain();
         }
     }
@@ -948,15 +958,18 @@ void run_task(const Problem& p, const Plan& plan, const Task& t, std::deque<Work
         std::copy(next, next + n, cur);
         n_next = int(std::clamp<int64_t>(t.k1 - kc - W, 0, W));
         keys.next(n_next, next);
+        pf.plan(next, n_next, p.head_bytes);
         for (int64_t kh = 0; kh < kvh; ++kh) {
             Workspace& w = ws[size_t(kh)];
             for (int j = 0; j < n; ++j) head_rows[j] = cur[j] + kh * p.head_stride;
             std::fill(head_rows + n, head_rows + W, w.zero_row);
-            pf.arm(next, n_next, kh * p.head_stride, p.head_bytes, W / 4);
+            pf.arm(kh * p.head_stride, k_quota);
+            if constexpr (DT != KV_F32) pf.drain();
             chunk_scores<DT>(p, w, rows, head_rows, &pf);
             pf.drain();
             chunk_softmax(p, w, rows, kc, n);
-            pf.arm(next, n_next, p.v_bytes + kh * p.head_stride, p.head_bytes, n);
+            pf.arm(p.v_bytes + kh * p.head_stride, v_quota);
+            if constexpr (DT != KV_F32) pf.drain();
             chunk_values<DT>(p, w, rows, head_rows, n, &pf);
             pf.drain();
         }
