@@ -18,42 +18,10 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 from decode_roofline import memory_bandwidth_gbs
 
 from neuronserve import LLM, SamplingParams
-from neuronserve.ops.linear import NativeLinear
-
-
-def decode_weight_bytes(model: torch.nn.Module) -> int:
-    """The weight bytes a decode step reads: every linear layer once, as its kernel reads it (a
-    native layer's tensors, which it holds as plain attributes; on the VNNI path its packed copy
-    instead of its int8 rows), the norms, and the LM head. The embedding is skipped (a step reads
-    one row of it); a tensor shared by two modules (the tied LM head) counts once."""
-    seen: set[int] = set()
-    total = 0
-
-    def add(tensor: torch.Tensor | None) -> None:
-        nonlocal total
-        if tensor is not None and tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            total += tensor.numel() * tensor.element_size()
-
-    for name, module in model.named_modules():
-        if name == "embed_tokens":
-            continue
-        if isinstance(module, NativeLinear):
-            add(module.packed if module.packed is not None else module.weight)
-            for tensor in (module.scale, module.minimum, module.bias):
-                add(tensor)
-            continue
-        for buffer_name, tensor in [
-            *module.named_parameters(recurse=False),
-            *module.named_buffers(recurse=False),
-        ]:
-            if buffer_name != "inv_freq":
-                add(tensor)
-    return total
+from neuronserve.bench.weights import decode_weight_bytes
 
 
 def build(method: str | None, lm_head: bool) -> LLM:
