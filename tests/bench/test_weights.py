@@ -4,6 +4,7 @@ hold their tensors as plain attributes, which once made it count 0.1 MB a token)
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -13,19 +14,11 @@ from neuronserve.bench.weights import decode_weight_bytes
 from neuronserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from neuronserve.model.llama import LlamaForCausalLM
 from neuronserve.quant import quantize_model
+from tests.engine.conftest import tiny_config
 
 
 def tiny_model(tie: bool) -> tuple[LlamaForCausalLM, ModelConfig]:
-    config = ModelConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie,
-    )
+    config = dataclasses.replace(tiny_config(), tie_word_embeddings=tie)
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval(), config
 
