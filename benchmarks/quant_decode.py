@@ -18,9 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
-from decode_roofline import memory_bandwidth_gbs
-
 from neuronserve import LLM, SamplingParams
+from neuronserve.bench.machine import memory_bandwidth_gbs
 from neuronserve.bench.weights import decode_weight_bytes
 
 

@@ -50,7 +50,7 @@ def transparent_huge_pages() -> str:
 def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """``torch.zeros(shape, dtype=dtype)``, its memory 2 MB aligned and advised into huge pages
     when it spans at least one (a contiguous view into a slightly larger buffer)."""
-    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
     madvise = _madvise()
     if madvise is None or nbytes < HUGE_PAGE:
         return torch.zeros(shape, dtype=dtype)
