@@ -144,7 +144,9 @@ int ns_paged_attention(const float* q, float* out, int64_t num_tokens, int64_t n
     ns::AttentionArgs a{q, out, num_tokens, num_heads, block_tables, num_seqs, max_blocks, query_start_loc,
                         context_lens, scale, {const_cast<void*>(cache), kv_dtype, num_blocks, block_size, kvh, hd,
                         kv_scale}, num_threads};
-    switch (pick(isa)) {
+    const int chosen = pick(isa);
+    a.vnni = chosen == ISA_AVX512_VNNI;
+    switch (chosen) {
         case ISA_SCALAR: ns::scalar::paged_attention(a); break;
 #ifndef NS_SCALAR_ONLY
         case ISA_AVX2: ns::avx2::paged_attention(a); break;
@@ -221,12 +223,12 @@ int ns_decoder_layers(const ns::DecoderLayer* layers, int64_t num_layers, const 
         }
     }
     switch (chosen) {
-        case ISA_SCALAR: ns::scalar::decoder_layers(layers, num_layers, s); break;
+        case ISA_SCALAR: ns::scalar::decoder_layers(layers, num_layers, s, false); break;
 #ifndef NS_SCALAR_ONLY
-        case ISA_AVX2: ns::avx2::decoder_layers(layers, num_layers, s); break;
-        default: ns::avx512::decoder_layers(layers, num_layers, s); break;
+        case ISA_AVX2: ns::avx2::decoder_layers(layers, num_layers, s, false); break;
+        default: ns::avx512::decoder_layers(layers, num_layers, s, chosen == ISA_AVX512_VNNI); break;
 #else
-        default: ns::scalar::decoder_layers(layers, num_layers, s); break;
+        default: ns::scalar::decoder_layers(layers, num_layers, s, false); break;
 #endif
     }
     return 0;

@@ -482,6 +482,7 @@ struct Problem {
     int64_t block_bytes;     // one block: kv_heads x block_size rows
     int64_t v_bytes;         // from a K row to its V row
     const uint8_t* cache;
+    bool i16;  // int8 cache on AVX-512 VNNI, head_dim a multiple of 32: scores and values in int16
 };
 
 // The unit of scheduling: query tokens [t0, t1) of sequence seq (a tile) over keys [k0, k1), for
@@ -524,6 +525,8 @@ class Workspace {
             at += round_up(sizes[i], 16);
         }
         pos.resize(size_t(rows));
+        q16.resize(size_t(rows * hdp));
+        q16_scale.resize(size_t(rows));
         std::fill(zero, zero + hdp, 0.f);
         zero_row = reinterpret_cast<const uint8_t*>(zero);
     }
@@ -539,6 +542,8 @@ class Workspace {
     const uint8_t* v[W];  // the chunk's V rows (in the cache, or in vb)
     float* m;   // [rows]: running max
     float* l;   // [rows]: running sum
+    std::vector<int16_t> q16;     // [rows][hdp]: q in int16 fixed point (the int16 path)
+    std::vector<float> q16_scale;  // [rows]: what one unit of a q16 row is worth
     std::vector<int64_t> pos;  // [rows]: each row's position (it sees keys 0..pos)
     const uint8_t* zero_row;   // hdp zero floats: the K "row" of keys past a chunk's end
 
@@ -705,6 +710,147 @@ void pv_tiles(int rows, int vecs, float* o, int64_t hdp, const float* p, const u
     pv_tile<DT, R, C>(o, hdp, p, v, offset, n, pf);
 }
 
+#if defined(__AVX512F__)
+// ------------------------------------------------------------------------------------ int8 cache in int16 (VNNI)
+// With an int8 cache on AVX-512 VNNI (and head_dim a multiple of 32) the scores and values are
+// integer dot products (vpdpwssd: two int16 products summed into an int32 lane), in place of
+// converting every cache byte to fp32 and multiplying in fp32: a key's K or V row is widened to
+// int16 once (1 instruction per 32 elements instead of 2 per 16) and a vpdpwssd does 32 products.
+// - q: each row in int16 with its own scale (max |q| -> 32767, after the softmax and K scales
+//   are folded in, so ~2^-16 of its largest element). A score is that scale times an exact
+//   integer sum: its bits are the same in any summation order.
+// - p: each row's probabilities of a chunk in int16 with the chunk's own scale (its largest
+//   probability -> 32767); the chunk's integer sums are scaled and added to o in fp32. As the
+//   scales are per row and the chunks start at multiples of W from key 0 in every plan, a row's
+//   bits still depend on its own sequence alone (batch invariance).
+// Measured on SmolLM2's shapes (int8 cache, 1 x 2000 and 32 x 512 decode): see kernels.json.
+#define NS_VNNI __attribute__((target("avx512vnni")))
+constexpr float kI16Max = 32767.f;
+
+// The unit's q rows (fp32, staged) into int16 rows with a scale each.
+void quantize_q16(const float* q, int64_t rows, int64_t hd, int16_t* q16, float* scale) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* x = q + r * hd;
+        __m512 top = _mm512_setzero_ps();
+        for (int64_t d = 0; d < hd; d += W) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(x + d)));
+        const float m = _mm512_reduce_max_ps(top);
+        const __m512 inv = _mm512_set1_ps(m > 0.f ? kI16Max / m : 0.f);
+        scale[r] = m / kI16Max;
+        for (int64_t d = 0; d < hd; d += W) {
+            const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + d), inv));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(q16 + r * hd + d), _mm512_cvtsepi32_epi16(v));
+        }
+    }
+}
+
+// fold4 / fold_lanes on int32 lanes (exact).
+inline __m512i fold4_i32(__m512i a, __m512i b, __m512i c, __m512i d) {
+    const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+    const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+}
+inline __m512i fold_lanes_i32(const __m512i* u) {
+    const __m512i x = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x44), _mm512_shuffle_i32x4(u[0], u[1], 0xEE));
+    const __m512i y = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x44), _mm512_shuffle_i32x4(u[2], u[3], 0xEE));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(x, y, 0x88), _mm512_shuffle_i32x4(x, y, 0xDD));
+}
+// 32 int8 as 32 int16.
+inline __m512i widen32(const uint8_t* p) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// Scores of R int16 q rows against the chunk's W int8 K rows (hd bytes each; NV = hd / 32 when
+// a constant, else 0).
+template <int R, int NV>
+NS_VNNI void qk_i16(const int16_t* q16, const float* scale, int64_t hd, const uint8_t* const* rows, float* s) {
+    const int64_t nv = NV > 0 ? NV : hd / 32;
+    __m512i folded[R][W / 4];
+    for (int g = 0; g < W / 4; ++g) {
+        __m512i acc[R][4];
+        for (int r = 0; r < R; ++r)
+            for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_si512();
+        for (int64_t v = 0; v < nv; ++v) {
+            for (int i = 0; i < 4; ++i) {
+                const __m512i k = widen32(rows[4 * g + i] + 32 * v);
+                for (int r = 0; r < R; ++r) {
+                    const __m512i qv = _mm512_loadu_si512(q16 + r * hd + 32 * v);
+                    acc[r][i] = _mm512_dpwssd_epi32(acc[r][i], qv, k);
+                }
+            }
+        }
+        for (int r = 0; r < R; ++r) folded[r][g] = fold4_i32(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+    }
+    for (int r = 0; r < R; ++r)
+        vstore(s + r * W, _mm512_mul_ps(_mm512_cvtepi32_ps(fold_lanes_i32(folded[r])), _mm512_set1_ps(scale[r])));
+}
+
+template <int R>
+void qk_i16_rows(int rows, const int16_t* q16, const float* scale, int64_t hd, const uint8_t* const* k, float* s) {
+    if constexpr (R > 1) {
+        if (rows < R) return qk_i16_rows<R - 1>(rows, q16, scale, hd, k, s);
+    }
+    if (hd == 64) return qk_i16<R, 2>(q16, scale, hd, k, s);
+    if (hd == 128) return qk_i16<R, 4>(q16, scale, hd, k, s);
+    qk_i16<R, 0>(q16, scale, hd, k, s);
+}
+
+// o[r][0, 32 H) += sum over the chunk's keys of p[r][key] v[key][offset, offset + 32 H), R rows:
+// each row's probabilities in int16 with the chunk's scale, two keys a vpdpwssd (their int16 V
+// rows interleaved), exact int32 sums, then scaled into o. v: n rows (n rounded up to even
+// valid pointers; p is 0 past n). The interleave leaves lane i of the low / high sums holding
+// element 8 (i / 4) + i % 4 (+ 4) of a 32-element group, put back in order as they are added.
+template <int R, int H>
+NS_VNNI void pv_i16(float* o, int64_t hdp, const float* p, const uint8_t* const* v, int64_t offset, int n) {
+    alignas(64) int16_t p16[R][W];
+    float pscale[R];
+    for (int r = 0; r < R; ++r) {
+        const __m512 x = _mm512_loadu_ps(p + r * W);
+        const float m = _mm512_reduce_max_ps(x);  // probabilities: >= 0
+        pscale[r] = m / kI16Max;
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(m > 0.f ? kI16Max / m : 0.f)));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(p16[r]), _mm512_cvtsepi32_epi16(q));
+    }
+    __m512i acc[R][2 * H];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < 2 * H; ++c) acc[r][c] = _mm512_setzero_si512();
+    for (int j = 0; j < n; j += 2) {
+        __m512i pair[2 * H];
+        for (int h = 0; h < H; ++h) {
+            const __m512i a = widen32(v[j] + offset + 32 * h), b = widen32(v[j + 1] + offset + 32 * h);
+            pair[2 * h] = _mm512_unpacklo_epi16(a, b);
+            pair[2 * h + 1] = _mm512_unpackhi_epi16(a, b);
+        }
+        for (int r = 0; r < R; ++r) {
+            int32_t pp;
+            std::memcpy(&pp, &p16[r][j], sizeof pp);
+            const __m512i pj = _mm512_set1_epi32(pp);
+            for (int c = 0; c < 2 * H; ++c) acc[r][c] = _mm512_dpwssd_epi32(acc[r][c], pair[c], pj);
+        }
+    }
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int r = 0; r < R; ++r) {
+        const __m512 f = _mm512_set1_ps(pscale[r]);
+        for (int h = 0; h < H; ++h) {
+            const __m512 lo = _mm512_cvtepi32_ps(acc[r][2 * h]), hi = _mm512_cvtepi32_ps(acc[r][2 * h + 1]);
+            float* dst = o + r * hdp + 32 * h;
+            vstore(dst, _mm512_fmadd_ps(_mm512_permutex2var_ps(lo, first, hi), f, vload(dst)));
+            vstore(dst + W, _mm512_fmadd_ps(_mm512_permutex2var_ps(lo, second, hi), f, vload(dst + W)));
+        }
+    }
+}
+
+template <int R>
+void pv_i16_rows(int rows, int groups, float* o, int64_t hdp, const float* p, const uint8_t* const* v,
+                 int64_t offset, int n) {
+    if constexpr (R > 1) {
+        if (rows < R) return pv_i16_rows<R - 1>(rows, groups, o, hdp, p, v, offset, n);
+    }
+    if (groups == 2) return pv_i16<R, 2>(o, hdp, p, v, offset, n);
+    pv_i16<R, 1>(o, hdp, p, v, offset, n);
+}
+#endif
+
 // One row's online-softmax step: its first `valid` scores (>= 1) become probabilities in place
 // (the rest 0); when the running max grows, the sum and the output so far are rescaled.
 inline void softmax_row(float* s, int valid, float& m, float& l, float* o, int64_t hdp) {
@@ -742,6 +888,18 @@ void convert_rows(const Problem& p, const uint8_t* const* rows, int64_t offset, 
 // a verification): the conversion is exact, so the scores' bits are those of converting as loaded.
 template <int DT>
 void chunk_scores(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows, Prefetcher* pf) {
+#if defined(__AVX512F__)
+    if constexpr (DT == KV_I8) {
+        if (p.i16) {
+            for (int64_t r0 = 0; r0 < rows; r0 += DOT_ROWS) {
+                const int rr = int(std::min<int64_t>(DOT_ROWS, rows - r0));
+                qk_i16_rows<DOT_ROWS>(rr, ws.q16.data() + r0 * p.hd, ws.q16_scale.data() + r0, p.hd, krows,
+                                      ws.s + r0 * W);
+            }
+            return;
+        }
+    }
+#endif
     if constexpr (DT != KV_F32) {
         if (rows > DOT_ROWS) {
             const uint8_t* converted[W];
@@ -787,6 +945,23 @@ void values_tiles(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* 
 // tile: converted as loaded); else converted once into vb, zero-padded.
 template <int DT>
 void chunk_values(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows, int n, Prefetcher* pf) {
+#if defined(__AVX512F__)
+    if constexpr (DT == KV_I8) {
+        if (p.i16) {  // keys in pairs: an odd chunk's last pairs with the zero row (its p is 0)
+            for (int j = 0; j < n; ++j) ws.v[j] = krows[j] + p.v_bytes;
+            const int pairs = (n + 1) / 2 * 2;
+            if (pairs > n) ws.v[n] = ws.zero_row;
+            for (int64_t r0 = 0; r0 < rows; r0 += PV_ROWS) {
+                const int rr = int(std::min<int64_t>(PV_ROWS, rows - r0));
+                for (int64_t c0 = 0; c0 < p.hd; c0 += 64) {
+                    const int groups = int(std::min<int64_t>(2, (p.hd - c0) / 32));
+                    pv_i16_rows<PV_ROWS>(rr, groups, ws.o + r0 * p.hdp + c0, p.hdp, ws.s + r0 * W, ws.v, c0, pairs);
+                }
+            }
+            return;
+        }
+    }
+#endif
     if (p.hd % W == 0 && (DT == KV_F32 || rows <= PV_ROWS)) {
         for (int j = 0; j < n; ++j) ws.v[j] = krows[j] + p.v_bytes;
         return values_tiles<DT>(p, ws, rows, ws.v, n, pf);
@@ -826,6 +1001,9 @@ void stage_queries(const Problem& p, const Unit& u, Workspace& ws) {
         }
     }
     std::fill(ws.o, ws.o + r * p.hdp, 0.f);
+#if defined(__AVX512F__)
+    if (p.i16) quantize_q16(ws.q, r, p.hd, ws.q16.data(), ws.q16_scale.data());
+#endif
 }
 
 // A whole tile's rows, normalized (and times the V scale), into out; a part's into its scratch.
@@ -991,8 +1169,13 @@ Problem make_problem(const AttentionArgs& a) {
     const int64_t block_bytes = c.kv_heads * head_stride;
     const int64_t v_bytes = c.num_blocks * block_bytes;
     const auto* cache = static_cast<const uint8_t*>(c.data);
+#if defined(__AVX512F__)
+    const bool i16 = a.vnni && c.kv_dtype == KV_I8 && c.head_dim % 32 == 0;
+#else
+    const bool i16 = false;
+#endif
     return Problem{a, c.kv_dtype, c.head_dim, hdp, group, tile_tokens, head_bytes, head_stride, block_bytes, v_bytes,
-                   cache};
+                   cache, i16};
 }
 
 // Tokens that no sequence owns (before query_start_loc[0] and from query_start_loc[B]) are zeros.

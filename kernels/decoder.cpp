@@ -128,7 +128,7 @@ struct Scratch {
 
 }  // namespace
 
-void decoder_layers(const DecoderLayer* layers, int64_t num_layers, const DecoderStep& s) {
+void decoder_layers(const DecoderLayer* layers, int64_t num_layers, const DecoderStep& s, bool vnni) {
     const int64_t T = s.num_tokens, H = s.hidden, hd = s.head_dim;
     if (T == 0) return;
     const int64_t qs = s.num_heads * hd, kvs = s.kv_heads * hd, qkv_width = qs + 2 * kvs;
@@ -151,7 +151,7 @@ void decoder_layers(const DecoderLayer* layers, int64_t num_layers, const Decode
         write_kv(WriteKvArgs{b.k.data(), b.v.data(), T, s.slot_mapping, kv, s.num_threads});
         paged_attention(AttentionArgs{b.q.data(), b.attn.data(), T, s.num_heads, s.block_tables, s.num_seqs,
                                       s.max_blocks, s.query_start_loc, s.context_lens, s.attn_scale, kv,
-                                      s.num_threads});
+                                      s.num_threads, vnni});
         run_linear(l.o, b.attn.data(), b.proj.data(), T, s.num_threads);
         add_into(s.x, b.proj.data(), T * H);
 

@@ -70,6 +70,9 @@ struct AttentionArgs {
     float scale;                     // softmax scale (head_dim ** -0.5)
     KvCache cache;
     int num_threads;
+    // AVX-512 VNNI (api.cpp's choice): an int8 cache's scores and values in int16 fixed point with
+    // vpdpwssd (attention.cpp); else converted to fp32 as loaded.
+    bool vnni = false;
 };
 
 // y[M, N] = x[M, K] @ W^T (+ bias), W stored [N, K] by row ("dot" form, as nn.Linear stores it):
@@ -138,7 +141,7 @@ struct DecoderStep {
     void write_kv(const WriteKvArgs& a);                  \
     void paged_attention(const AttentionArgs& a);         \
     void linear(const LinearArgs& a);                     \
-    void decoder_layers(const DecoderLayer* layers, int64_t num_layers, const DecoderStep& s); \
+    void decoder_layers(const DecoderLayer* layers, int64_t num_layers, const DecoderStep& s, bool vnni); \
     }
 
 NS_DECLARE_KERNELS(scalar)
