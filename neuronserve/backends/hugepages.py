@@ -4,7 +4,7 @@ Paged attention reads each KV head's rows of a block as one run of a few KB, fro
 over the whole cache: with 4 KB pages nearly every run is a TLB miss and a page walk. Asking the
 kernel for huge pages (``madvise(MADV_HUGEPAGE)`` before the memory is first touched) measured
 cold fp32 decode attention at 32 sequences x 512 tokens ~18% faster on this project's 2-core
-AVX-512 host (median of interleaved runs; ``benchmarks/kernels.py`` reports the cache's pages).
+AVX-512 host (median of interleaved runs; ``benchmarks/cpu_kernels.py`` reports the cache's pages).
 
 It is a hint: where transparent huge pages are off (``/sys/kernel/mm/transparent_hugepage/enabled``
 set to ``never``), on other systems, or without libc, the tensor is an ordinary one.

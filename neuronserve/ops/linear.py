@@ -27,7 +27,7 @@ W_F32, W_I8, W_FP8, W_I4 = 0, 1, 2, 3
 WEIGHT_DTYPES = {W_F32: torch.float32, W_I8: torch.int8, W_FP8: torch.float8_e4m3fn, W_I4: torch.uint8}
 Q8_BLOCK = 32
 
-# Measured on the 2-core Zen 4 machine on SmolLM2-135M's shapes (benchmarks/kernels.py): int8
+# Measured on the 2-core Zen 4 machine on SmolLM2-135M's shapes (benchmarks/cpu_kernels.py): int8
 # activations (VNNI) overtake the exact int8 kernel at 4 rows (a tie on the small layers, 1.2x on the
 # LM head; 1.2-1.8x at 8 rows); at 1 row, all of SmolLM2's layers from DRAM, they now match it
 # (6.3 against 6.4 ms; 9.8 ms before the weight sums and the per-call allocations were dropped);

@@ -23,7 +23,11 @@ reported.
 
 Writes benchmarks/results/kernels.json.
 
-    python benchmarks/kernels.py [--quick]
+    python benchmarks/cpu_kernels.py [--quick]
+
+(Not benchmarks/kernels.py: a script's folder comes first on sys.path, and a module of that name
+shadowed Hugging Face's `kernels` package, which transformers 5 imports, so every benchmark that
+loads the model failed at import.)
 """
 
 from __future__ import annotations
