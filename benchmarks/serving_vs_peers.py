@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import random
+import re
 import signal
 import socket
 import statistics
@@ -370,6 +371,28 @@ def run_target(label: str, cmd: list[str], log: Path, levels, warmup, env=None, 
             flush=True,
         )
     return runs
+
+
+def run_peer(peer: str, cmd: list[str], log: Path, levels, warmup, env, timeout, record: dict) -> list[dict]:
+    """run_target for a peer. llama-server's AMX path (its default on CPUs with AMX) crashes on its
+    start-up warm-up batch with this model's Q4_1 weights (SIGSEGV in ggml_backend_amx_mul_mat, or
+    SIGILL, on a 2-core Xeon): there it runs once more without weight repacking (--no-repack: AMX
+    off, its AVX-512 kernels), which ``record`` notes for the report."""
+    record["command"] = " ".join(cmd)
+    try:
+        return run_target(peer, cmd, log, levels, warmup, env=env, timeout=timeout)
+    except PeerUnavailable as exc:
+        crash = re.search(r"exited with -(4|11) while starting", str(exc))
+        if peer != LLAMA or crash is None or "--no-repack" in cmd:
+            raise
+        cmd = [*cmd, "--no-repack"]
+        record["command"] = " ".join(cmd)
+        name = signal.Signals(int(crash.group(1))).name
+        record["reason"] = (
+            f"crashed ({name}) at start-up with its default AMX weight repacking; run with --no-repack"
+        )
+        print(f"{peer}: {record['reason']}", flush=True)
+        return run_target(peer, cmd, log, levels, warmup, env=env, timeout=timeout)
 
 
 def bench_transformers(hf_dir: Path, tokenizer, levels: dict[int, list[RequestSpec]]) -> list[dict]:
@@ -735,7 +758,7 @@ def main() -> None:
         one = {1: levels[concurrencies[0]][:1]}
         for peer, (cmd, env, timeout) in commands.items():
             try:
-                runs = run_target(peer, cmd, logs / f"check-{peer}.log", one, [], env=env, timeout=timeout)
+                runs = run_peer(peer, cmd, logs / f"check-{peer}.log", one, [], env, timeout, {})
                 ok = bool(runs) and runs[0]["completed"] == 1
                 print(f"{peer}: {'answers' if ok else 'FAILED: ' + str(runs and runs[0].get('errors'))}")
             except PeerUnavailable as exc:
@@ -766,10 +789,9 @@ def main() -> None:
 
     for peer, (cmd, env, timeout) in commands.items():
         try:
-            series[peer] = run_target(
-                peer, cmd, logs / f"{peer}.log", levels, warmup, env=env, timeout=timeout
-            )
-            peers[peer].update(status="ran", command=" ".join(cmd))
+            record: dict = {}
+            series[peer] = run_peer(peer, cmd, logs / f"{peer}.log", levels, warmup, env, timeout, record)
+            peers[peer].update(status="ran", **record)
         except PeerUnavailable as exc:
             peers[peer].update(status="skipped", reason=f"did not run: {exc}")
             print(f"{peer}: SKIPPED ({exc})", flush=True)
