@@ -123,9 +123,11 @@ inline vf vfirst(vf x, int n, float fill) {
 }
 
 // e^x for x <= 0 (softmax arguments): x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7 polynomial
-// (Cephes' expf coefficients), times 2^n by vscalefps (which also underflows gracefully).
+// (Cephes' expf coefficients), times 2^n by vscalefps (which also underflows gracefully). The
+// clamp's operands in this order let a NaN through (vmaxps returns its second operand when one is
+// NaN): a NaN score (a NaN in the cache) makes its row NaN, as in the reference.
 inline vf vexp(vf x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
+    x = _mm512_max_ps(_mm512_set1_ps(-100.f), x);
     const vf n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     vf r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -155,6 +157,24 @@ inline vf fp8_to_f32(const uint8_t* p) {
     const __m256i nan_bits = _mm256_set1_epi16(0x3F80);
     const __mmask16 nan = _mm256_cmpeq_epi16_mask(_mm256_and_si256(h, nan_bits), nan_bits);
     return _mm512_cvtph_ps(_mm256_mask_blend_epi16(nan, h, _mm256_or_si256(h, _mm256_set1_epi16(0x7E00))));
+}
+// The same for bytes known not to be NaN (see fp8_any_nan): no NaN fix-up, the same bits.
+inline vf fp8_to_f32_finite(const uint8_t* p) {
+    const __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(x, 7), _mm256_set1_epi16(short(0xBFFF))));
+}
+// Whether any of n rows' hd bytes (offset past rows[j]) is an e4m3fn NaN (S1111111).
+inline bool fp8_any_nan(const uint8_t* const* rows, int n, int64_t offset, int64_t hd) {
+    const __m512i m = _mm512_set1_epi8(0x7F);
+    __mmask64 any = 0;
+    for (int j = 0; j < n; ++j) {
+        for (int64_t d = 0; d < hd; d += 64) {
+            const __mmask64 in = hd - d >= 64 ? ~__mmask64(0) : (__mmask64(1) << (hd - d)) - 1;
+            const __m512i b = _mm512_maskz_loadu_epi8(in, rows[j] + offset + d);
+            any |= _mm512_mask_cmpeq_epi8_mask(in, _mm512_and_si512(b, m), m);
+        }
+    }
+    return any != 0;
 }
 
 // W values (already divided by the scale) quantized into W bytes, as i8_encode / fp8_encode.
@@ -227,7 +247,7 @@ inline vf vfirst(vf x, int n, float fill) {
 
 // As the AVX-512 vexp; 2^n built in the exponent field, so x is kept where n fits in [-126, 127].
 inline vf vexp(vf x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));  // (NaN passes)
     const vf n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     vf r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -253,6 +273,25 @@ inline vf fp8_to_f32(const uint8_t* p) {
     const __m128i nan_bits = _mm_set1_epi16(0x3F80);
     const __m128i nan = _mm_cmpeq_epi16(_mm_and_si128(h, nan_bits), nan_bits);
     return _mm256_cvtph_ps(_mm_or_si128(h, _mm_and_si128(nan, _mm_set1_epi16(0x7E00))));
+}
+inline vf fp8_to_f32_finite(const uint8_t* p) {  // as the AVX-512 one
+    const __m128i x = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_cvtph_ps(_mm_and_si128(_mm_slli_epi16(x, 7), _mm_set1_epi16(short(0xBFFF))));
+}
+inline bool fp8_any_nan(const uint8_t* const* rows, int n, int64_t offset, int64_t hd) {
+    const __m256i m = _mm256_set1_epi8(0x7F);
+    __m256i any = _mm256_setzero_si256();
+    bool tail = false;
+    for (int j = 0; j < n; ++j) {
+        const uint8_t* r = rows[j] + offset;
+        int64_t d = 0;
+        for (; d + 32 <= hd; d += 32) {
+            const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + d));
+            any = _mm256_or_si256(any, _mm256_cmpeq_epi8(_mm256_and_si256(b, m), m));
+        }
+        for (; d < hd; ++d) tail |= (r[d] & 0x7F) == 0x7F;
+    }
+    return tail || !_mm256_testz_si256(any, any);
 }
 
 // Eight int32 (each fitting a byte) stored as eight bytes.
@@ -350,6 +389,8 @@ inline vf fp8_to_f32(const uint8_t* p) {
     for (int i = 0; i < W; ++i) r.x[i] = fp8_decode(p[i]);
     return r;
 }
+inline vf fp8_to_f32_finite(const uint8_t* p) { return fp8_to_f32(p); }
+inline bool fp8_any_nan(const uint8_t* const*, int, int64_t, int64_t) { return false; }
 inline void f32_to_i8(uint8_t* dst, const vf& y) {
     for (int i = 0; i < W; ++i) dst[i] = i8_encode(y.x[i]);
 }
@@ -378,6 +419,10 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // ------------------------------------------------------------------------------------ cache rows
 inline int64_t kv_elem_size(int dtype) { return dtype == KV_F32 ? 4 : 1; }
 
+// An fp8 chunk whose rows hold no NaN byte (fp8_any_nan, checked per chunk and head): read
+// without the per-element NaN fix-up, the same bits (cold fp8 decode attention: see kernels.json).
+constexpr int KV_FP8_FINITE = 3;
+
 // W elements of the cache at p, as fp32 (unscaled: the scales are folded in elsewhere; fp8 as
 // its value / kFp8Unit).
 template <int DT>
@@ -385,6 +430,7 @@ inline vf load_cvt(const uint8_t* p) {
     if constexpr (DT == KV_F32) return vload(reinterpret_cast<const float*>(p));
     if constexpr (DT == KV_I8) return i8_to_f32(p);
     if constexpr (DT == KV_FP8) return fp8_to_f32(p);
+    if constexpr (DT == KV_FP8_FINITE) return fp8_to_f32_finite(p);
 }
 
 // The last count (< W) elements of a row, zero-padded: through a copy, so that nothing past the
@@ -1141,11 +1187,17 @@ void run_task(const Problem& p, const Plan& plan, const Task& t, std::deque<Work
             for (int j = 0; j < n; ++j) head_rows[j] = cur[j] + kh * p.head_stride;
             std::fill(head_rows + n, head_rows + W, w.zero_row);
             pf.arm(kh * p.head_stride, k_quota);
-            chunk_scores<DT>(p, w, rows, head_rows, &pf);
+            if (DT == KV_FP8 && !fp8_any_nan(head_rows, n, 0, p.hd))
+                chunk_scores<KV_FP8_FINITE>(p, w, rows, head_rows, &pf);
+            else
+                chunk_scores<DT>(p, w, rows, head_rows, &pf);
             pf.drain();
             chunk_softmax(p, w, rows, kc, n);
             pf.arm(p.v_bytes + kh * p.head_stride, v_quota);
-            chunk_values<DT>(p, w, rows, head_rows, n, &pf);
+            if (DT == KV_FP8 && !fp8_any_nan(head_rows, n, p.v_bytes, p.hd))
+                chunk_values<KV_FP8_FINITE>(p, w, rows, head_rows, n, &pf);
+            else
+                chunk_values<DT>(p, w, rows, head_rows, n, &pf);
             pf.drain();
         }
     }

@@ -189,6 +189,27 @@ def test_int8_cache_on_vnni_takes_the_int16_path_batch_invariantly():
             assert torch.equal(paged_attention(*args), expected), (hd, dtype)
 
 
+def test_fp8_nan_bytes_reach_the_outputs_the_reference_makes_nan():
+    """fp8 chunks without a NaN byte skip the per-element NaN fix-up; a chunk with one (in K or in
+    V) is read exactly, so its NaN reaches the same outputs as in the reference: a NaN score makes
+    its rows NaN (the SIMD exp's clamp lets it through), a NaN value its element."""
+    args = make_batch([(1, 40), (1, 70), (3, 33)], 2, 3, 64, 16, torch.float8_e4m3fn, seed=7)
+    q, cache, tables, qsl, ctx, kv_scale, scale = args
+    atol = tolerance(cache, kv_scale)  # (before the NaNs)
+    raw = cache.view(torch.uint8)
+    raw[0, tables[0, 1], 1, 3, 5] = 0x7F  # K: sequence 0, key 19, KV head 1
+    raw[1, tables[1, 2], 0, 7, 9] = 0xFF  # V: sequence 1, key 39, KV head 0, element 9
+    expected = paged_attention_reference(*args)
+    assert expected[0, 3:6].isnan().all() and expected[1, 0:3, 9].isnan().all()
+    assert expected.isnan().sum() == 3 * 64 + 3
+    for isa in ISAS:
+        with forced_isa(isa):
+            out = paged_attention(*args)
+        torch.testing.assert_close(
+            out, expected, rtol=0, atol=atol, equal_nan=True, msg=lambda m, isa=isa: f"{isa}: {m}"
+        )
+
+
 def test_fp8_subnormals_with_denormals_flushed():
     """fp8 subnormals are read exactly even where the thread flushes fp32 denormals (DAZ/FTZ)."""
     args = make_batch([(1, 40), (4, 33)], 2, 3, 24, 16, torch.float8_e4m3fn, seed=3)
