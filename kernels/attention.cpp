@@ -512,9 +512,10 @@ void write_kv(const WriteKvArgs& a) {
 // ------------------------------------------------------------------------------------ attention
 namespace {
 
+constexpr int KMAX = 2 * W;              // keys a chunk holds at most (the int16 path's chunks)
 constexpr int64_t kKeyCost = 8;           // staging one key costs about as much as this many rows
-constexpr int64_t kPartKeys = 256;        // keys of a long tile's partitions (a multiple of W)
-static_assert(kPartKeys % W == 0, "partitions start on a chunk boundary");
+constexpr int64_t kPartKeys = 256;        // keys of a long tile's partitions (a multiple of KMAX)
+static_assert(kPartKeys % KMAX == 0, "partitions start on a chunk boundary");
 constexpr double kParallelCost = 4096;    // below this much work, threads cost more than they save
 
 // The call's constants; the cache is addressed in bytes.
@@ -559,7 +560,7 @@ inline int64_t partial_floats(const Problem& p, int64_t rows) { return rows * (p
 class Workspace {
    public:
     Workspace(int64_t rows, int64_t hdp) {
-        const int64_t sizes[] = {rows * hdp, rows * hdp, rows * W, W * hdp, W * hdp, rows, rows, hdp};
+        const int64_t sizes[] = {rows * hdp, rows * hdp, rows * KMAX, W * hdp, W * hdp, rows, rows, hdp};
         int64_t total = 0;
         for (int64_t n : sizes) total += round_up(n, 16);
         mem_ = static_cast<float*>(std::aligned_alloc(64, size_t(total) * sizeof(float)));
@@ -582,10 +583,10 @@ class Workspace {
 
     float* q;   // [rows][hdp]: queries times the softmax scale and K scale
     float* o;   // [rows][hdp]: unnormalized outputs
-    float* s;   // [rows][W]: a chunk's scores, then probabilities
+    float* s;   // [rows][chunk keys]: a chunk's scores, then probabilities
     float* kb;  // [W][hdp]: a chunk's K rows, fp32 (when converted once for many rows)
     float* vb;  // [W][hdp]: a chunk's V rows, fp32 (unless read in place)
-    const uint8_t* v[W];  // the chunk's V rows (in the cache, or in vb)
+    const uint8_t* v[KMAX];  // the chunk's V rows (in the cache, or in vb)
     float* m;   // [rows]: running max
     float* l;   // [rows]: running sum
     std::vector<int16_t> q16;     // [rows][hdp]: q in int16 fixed point (the int16 path)
@@ -674,7 +675,7 @@ class Prefetcher {
         const uint8_t* start;
         int64_t bytes;
     };
-    Run run_[W];
+    Run run_[KMAX];
     int runs_ = 0, cur_ = 0;
     int64_t offset_ = 0, quota_ = 0, left_ = 0;
     const uint8_t* line_ = nullptr;
@@ -765,10 +766,10 @@ void pv_tiles(int rows, int vecs, float* o, int64_t hdp, const float* p, const u
 // - q: each row in int16 with its own scale (max |q| -> 32767, after the softmax and K scales
 //   are folded in, so ~2^-16 of its largest element). A score is that scale times an exact
 //   integer sum: its bits are the same in any summation order.
-// - p: each row's probabilities of a chunk in int16 with the chunk's own scale (its largest
-//   probability -> 32767); the chunk's integer sums are scaled and added to o in fp32. As the
-//   scales are per row and the chunks start at multiples of W from key 0 in every plan, a row's
-//   bits still depend on its own sequence alone (batch invariance).
+// - p: each row's probabilities of a chunk (32 keys, chunk_i16) in int16 with the chunk's own
+//   scale (its largest probability -> 32767); the chunk's integer sums are scaled and added to o
+//   in fp32. As the scales are per row and the chunks start at multiples of 32 from key 0 in
+//   every plan, a row's bits still depend on its own sequence alone (batch invariance).
 // Measured on SmolLM2's shapes (int8 cache, 1 x 2000 and 32 x 512 decode): see kernels.json.
 #define NS_VNNI __attribute__((target("avx512vnni")))
 constexpr float kI16Max = 32767.f;
@@ -808,7 +809,8 @@ inline __m512i widen32(const uint8_t* p) {
 // Scores of R int16 q rows against the chunk's W int8 K rows (hd bytes each; NV = hd / 32 when
 // a constant, else 0).
 template <int R, int NV>
-NS_VNNI void qk_i16(const int16_t* q16, const float* scale, int64_t hd, const uint8_t* const* rows, float* s) {
+NS_VNNI void qk_i16(const int16_t* q16, const float* scale, int64_t hd, const uint8_t* const* rows, float* s,
+                    int64_t lds) {
     const int64_t nv = NV > 0 ? NV : hd / 32;
     __m512i folded[R][W / 4];
     for (int g = 0; g < W / 4; ++g) {
@@ -827,17 +829,18 @@ NS_VNNI void qk_i16(const int16_t* q16, const float* scale, int64_t hd, const ui
         for (int r = 0; r < R; ++r) folded[r][g] = fold4_i32(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
     }
     for (int r = 0; r < R; ++r)
-        vstore(s + r * W, _mm512_mul_ps(_mm512_cvtepi32_ps(fold_lanes_i32(folded[r])), _mm512_set1_ps(scale[r])));
+        vstore(s + r * lds, _mm512_mul_ps(_mm512_cvtepi32_ps(fold_lanes_i32(folded[r])), _mm512_set1_ps(scale[r])));
 }
 
 template <int R>
-void qk_i16_rows(int rows, const int16_t* q16, const float* scale, int64_t hd, const uint8_t* const* k, float* s) {
+void qk_i16_rows(int rows, const int16_t* q16, const float* scale, int64_t hd, const uint8_t* const* k, float* s,
+                 int64_t lds) {
     if constexpr (R > 1) {
-        if (rows < R) return qk_i16_rows<R - 1>(rows, q16, scale, hd, k, s);
+        if (rows < R) return qk_i16_rows<R - 1>(rows, q16, scale, hd, k, s, lds);
     }
-    if (hd == 64) return qk_i16<R, 2>(q16, scale, hd, k, s);
-    if (hd == 128) return qk_i16<R, 4>(q16, scale, hd, k, s);
-    qk_i16<R, 0>(q16, scale, hd, k, s);
+    if (hd == 64) return qk_i16<R, 2>(q16, scale, hd, k, s, lds);
+    if (hd == 128) return qk_i16<R, 4>(q16, scale, hd, k, s, lds);
+    qk_i16<R, 0>(q16, scale, hd, k, s, lds);
 }
 
 // o[r][0, 32 H) += sum over the chunk's keys of p[r][key] v[key][offset, offset + 32 H), R rows:
@@ -847,14 +850,15 @@ void qk_i16_rows(int rows, const int16_t* q16, const float* scale, int64_t hd, c
 // element 8 (i / 4) + i % 4 (+ 4) of a 32-element group, put back in order as they are added.
 template <int R, int H>
 NS_VNNI void pv_i16(float* o, int64_t hdp, const float* p, const uint8_t* const* v, int64_t offset, int n) {
-    alignas(64) int16_t p16[R][W];
+    alignas(64) int16_t p16[R][KMAX];
     float pscale[R];
-    for (int r = 0; r < R; ++r) {
-        const __m512 x = _mm512_loadu_ps(p + r * W);
-        const float m = _mm512_reduce_max_ps(x);  // probabilities: >= 0
+    for (int r = 0; r < R; ++r) {  // p: [R][KMAX]
+        const __m512 x0 = _mm512_loadu_ps(p + r * KMAX), x1 = _mm512_loadu_ps(p + r * KMAX + W);
+        const float m = _mm512_reduce_max_ps(_mm512_max_ps(x0, x1));  // probabilities: >= 0
         pscale[r] = m / kI16Max;
-        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(m > 0.f ? kI16Max / m : 0.f)));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(p16[r]), _mm512_cvtsepi32_epi16(q));
+        const __m512 f = _mm512_set1_ps(m > 0.f ? kI16Max / m : 0.f);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(p16[r]), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(x0, f))));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(p16[r] + W), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(x1, f))));
     }
     __m512i acc[R][2 * H];
     for (int r = 0; r < R; ++r)
@@ -899,9 +903,7 @@ void pv_i16_rows(int rows, int groups, float* o, int64_t hdp, const float* p, co
 
 // One row's online-softmax step: its first `valid` scores (>= 1) become probabilities in place
 // (the rest 0); when the running max grows, the sum and the output so far are rescaled.
-inline void softmax_row(float* s, int valid, float& m, float& l, float* o, int64_t hdp) {
-    const vf x = vfirst(vload(s), valid, kNegInf);
-    const float top = vhmax(x);
+inline void raise_max(float top, float& m, float& l, float* o, int64_t hdp) {
     if (top > m) {
         if (l != 0.f) {  // m was finite: rescale what was accumulated under it
             const float alpha = std::exp(m - top);
@@ -910,6 +912,10 @@ inline void softmax_row(float* s, int valid, float& m, float& l, float* o, int64
         }
         m = top;
     }
+}
+inline void softmax_row(float* s, int valid, float& m, float& l, float* o, int64_t hdp) {
+    const vf x = vfirst(vload(s), valid, kNegInf);
+    raise_max(vhmax(x), m, l, o, hdp);
     const vf e = vfirst(vexp(vsub(x, vset1(m))), valid, 0.f);
     l += vhsum(e);
     vstore(s, e);
@@ -934,18 +940,6 @@ void convert_rows(const Problem& p, const uint8_t* const* rows, int64_t offset, 
 // a verification): the conversion is exact, so the scores' bits are those of converting as loaded.
 template <int DT>
 void chunk_scores(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows, Prefetcher* pf) {
-#if defined(__AVX512F__)
-    if constexpr (DT == KV_I8) {
-        if (p.i16) {
-            for (int64_t r0 = 0; r0 < rows; r0 += DOT_ROWS) {
-                const int rr = int(std::min<int64_t>(DOT_ROWS, rows - r0));
-                qk_i16_rows<DOT_ROWS>(rr, ws.q16.data() + r0 * p.hd, ws.q16_scale.data() + r0, p.hd, krows,
-                                      ws.s + r0 * W);
-            }
-            return;
-        }
-    }
-#endif
     if constexpr (DT != KV_F32) {
         if (rows > DOT_ROWS) {
             const uint8_t* converted[W];
@@ -991,23 +985,6 @@ void values_tiles(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* 
 // tile: converted as loaded); else converted once into vb, zero-padded.
 template <int DT>
 void chunk_values(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows, int n, Prefetcher* pf) {
-#if defined(__AVX512F__)
-    if constexpr (DT == KV_I8) {
-        if (p.i16) {  // keys in pairs: an odd chunk's last pairs with the zero row (its p is 0)
-            for (int j = 0; j < n; ++j) ws.v[j] = krows[j] + p.v_bytes;
-            const int pairs = (n + 1) / 2 * 2;
-            if (pairs > n) ws.v[n] = ws.zero_row;
-            for (int64_t r0 = 0; r0 < rows; r0 += PV_ROWS) {
-                const int rr = int(std::min<int64_t>(PV_ROWS, rows - r0));
-                for (int64_t c0 = 0; c0 < p.hd; c0 += 64) {
-                    const int groups = int(std::min<int64_t>(2, (p.hd - c0) / 32));
-                    pv_i16_rows<PV_ROWS>(rr, groups, ws.o + r0 * p.hdp + c0, p.hdp, ws.s + r0 * W, ws.v, c0, pairs);
-                }
-            }
-            return;
-        }
-    }
-#endif
     if (p.hd % W == 0 && (DT == KV_F32 || rows <= PV_ROWS)) {
         for (int j = 0; j < n; ++j) ws.v[j] = krows[j] + p.v_bytes;
         return values_tiles<DT>(p, ws, rows, ws.v, n, pf);
@@ -1015,6 +992,50 @@ void chunk_values(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* 
     convert_rows<DT>(p, krows, p.v_bytes, n, ws.vb, ws.v);
     values_tiles<KV_F32>(p, ws, rows, ws.v, n, pf);
 }
+
+#if defined(__AVX512F__)
+// The int16 path's chunk: up to KMAX keys from key kc (n of them; krows holds KMAX K rows, the ones
+// past n the zero row). Scores W keys a pass, then one online-softmax step and one value pass over
+// all of them: the softmax's reductions and the values' per-chunk rounding and scaling come once
+// per 32 keys. Chunks start at multiples of KMAX from key 0 in every plan (partitions are
+// multiples of it), so a row's bits still depend on its own sequence alone.
+void chunk_i16(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows, int64_t kc, int n) {
+    for (int64_t r0 = 0; r0 < rows; r0 += DOT_ROWS) {
+        const int rr = int(std::min<int64_t>(DOT_ROWS, rows - r0));
+        for (int h = 0; h * W < n; ++h)
+            qk_i16_rows<DOT_ROWS>(rr, ws.q16.data() + r0 * p.hd, ws.q16_scale.data() + r0, p.hd, krows + h * W,
+                                  ws.s + r0 * KMAX + h * W, KMAX);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+        float* s = ws.s + r * KMAX;
+        const int valid = int(std::clamp<int64_t>(ws.pos[size_t(r)] - kc + 1, 0, n));
+        if (valid == 0) {
+            std::fill(s, s + KMAX, 0.f);
+            continue;
+        }
+        const int valid1 = std::max(valid - W, 0);
+        const vf x0 = vfirst(vload(s), std::min(valid, W), kNegInf);
+        const vf x1 = valid1 > 0 ? vfirst(vload(s + W), valid1, kNegInf) : vset1(kNegInf);
+        raise_max(vhmax(_mm512_max_ps(x0, x1)), ws.m[r], ws.l[r], ws.o + r * p.hdp, p.hdp);
+        const vf e0 = vfirst(vexp(vsub(x0, vset1(ws.m[r]))), std::min(valid, W), 0.f);
+        const vf e1 = valid1 > 0 ? vfirst(vexp(vsub(x1, vset1(ws.m[r]))), valid1, 0.f) : vzero();
+        ws.l[r] += vhsum(vadd(e0, e1));
+        vstore(s, e0);
+        vstore(s + W, e1);
+    }
+    // Values: keys in pairs, an odd chunk's last with the zero row (its p is 0).
+    for (int j = 0; j < n; ++j) ws.v[j] = krows[j] + p.v_bytes;
+    const int pairs = (n + 1) / 2 * 2;
+    if (pairs > n) ws.v[n] = ws.zero_row;
+    for (int64_t r0 = 0; r0 < rows; r0 += PV_ROWS) {
+        const int rr = int(std::min<int64_t>(PV_ROWS, rows - r0));
+        for (int64_t c0 = 0; c0 < p.hd; c0 += 64) {
+            const int groups = int(std::min<int64_t>(2, (p.hd - c0) / 32));
+            pv_i16_rows<PV_ROWS>(rr, groups, ws.o + r0 * p.hdp + c0, p.hdp, ws.s + r0 * KMAX, ws.v, c0, pairs);
+        }
+    }
+}
+#endif
 
 // What a decoded K / V element is multiplied by: the head's scale (int8, fp8), and for fp8 the
 // decoder's kFp8Unit.
@@ -1163,29 +1184,38 @@ void run_task(const Problem& p, const Plan& plan, const Task& t, std::deque<Work
     const int64_t kvh = p.a.cache.kv_heads, rows = (t.t1 - t.t0) * p.group;
     for (int64_t kh = 0; kh < kvh; ++kh) stage_queries(p, Unit{t.seq, kh, t.t0, t.t1, t.k0, t.k1}, ws[size_t(kh)]);
     KeyCursor keys(p, t.seq, 0, t.k0);  // head 0's rows; head kh's lie kh * head_stride further
-    const uint8_t *cur[W], *next[W], *head_rows[W];
+    const uint8_t *cur[KMAX], *next[KMAX], *head_rows[KMAX];
+    const int ck = DT == KV_I8 && p.i16 ? KMAX : W;  // keys a chunk
     Prefetcher pf;
     // Lines a turn: the score loop's W / 4 turns and the value loop's W (a turn a key) each
     // request a chunk's rows of one head; quantized chunks at once (0).
     const int64_t chunk_lines = (W * p.head_bytes + 63) / 64;
     const int64_t k_quota = DT == KV_F32 ? (chunk_lines + W / 4 - 1) / (W / 4) : 0;
     const int64_t v_quota = DT == KV_F32 ? (chunk_lines + W - 1) / W : 0;
-    int n_next = int(std::min<int64_t>(W, t.k1 - t.k0));
+    int n_next = int(std::min<int64_t>(ck, t.k1 - t.k0));
     keys.next(n_next, next);
     pf.plan(next, n_next, p.head_bytes);
     for (int64_t kh = 0; kh < kvh; ++kh) {  // the first chunk's requests all in flight at once
         for (const int64_t offset : {kh * p.head_stride, p.v_bytes + kh * p.head_stride}) pf.arm(offset, 0);
     }
-    for (int64_t kc = t.k0; kc < t.k1; kc += W) {
+    for (int64_t kc = t.k0; kc < t.k1; kc += ck) {
         const int n = n_next;
         std::copy(next, next + n, cur);
-        n_next = int(std::clamp<int64_t>(t.k1 - kc - W, 0, W));
+        n_next = int(std::clamp<int64_t>(t.k1 - kc - ck, 0, ck));
         keys.next(n_next, next);
         pf.plan(next, n_next, p.head_bytes);
         for (int64_t kh = 0; kh < kvh; ++kh) {
             Workspace& w = ws[size_t(kh)];
             for (int j = 0; j < n; ++j) head_rows[j] = cur[j] + kh * p.head_stride;
-            std::fill(head_rows + n, head_rows + W, w.zero_row);
+            std::fill(head_rows + n, head_rows + ck, w.zero_row);
+#if defined(__AVX512F__)
+            if (DT == KV_I8 && p.i16) {  // (quantized: the next chunk's requests at once)
+                pf.arm(kh * p.head_stride, 0);
+                pf.arm(p.v_bytes + kh * p.head_stride, 0);
+                chunk_i16(p, w, rows, head_rows, kc, n);
+                continue;
+            }
+#endif
             pf.arm(kh * p.head_stride, k_quota);
             if (DT == KV_FP8 && !fp8_any_nan(head_rows, n, 0, p.hd))
                 chunk_scores<KV_FP8_FINITE>(p, w, rows, head_rows, &pf);
