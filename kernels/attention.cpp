@@ -13,6 +13,9 @@
 //   path for prefill tiles was ~8% faster there, but gave a row other bits than decode).
 //   Values: o[row] += p[key] * V[key] in register tiles, V read in place (converted as loaded)
 //   or converted once per chunk.
+// - An int8 cache on AVX-512 VNNI is read in int16 fixed point instead (vpdpwssd, chunks of 32
+//   keys: see "int8 cache in int16" below). An fp8 chunk with no NaN byte skips the per-element
+//   NaN fix-up of its conversion (fp8_any_nan).
 // - Softmax is online in fp32 (running max m, sum l per row; o rescaled when m grows). int8/fp8
 //   scales are folded in: the K scale into q (with the softmax scale), the V scale into 1 / l.
 // - The next chunk's K and V rows are requested (into L2) a few lines at a time while this one is
