@@ -118,6 +118,7 @@ inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
 inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
 inline float vhmax(vf x) { return _mm512_reduce_max_ps(x); }
 inline float vhsum(vf x) { return _mm512_reduce_add_ps(x); }
 // x's first n lanes (0 <= n <= W), the others set to fill.
@@ -233,6 +234,7 @@ inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
 inline vf vfmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
 inline float vhmax(vf x) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
@@ -368,6 +370,7 @@ inline vf vsub(const vf& a, const vf& b) { return vmap2(a, b, [](float x, float 
 inline vf vmul(const vf& a, const vf& b) { return vmap2(a, b, [](float x, float y) { return x * y; }); }
 inline vf vdiv(const vf& a, const vf& b) { return vmap2(a, b, [](float x, float y) { return x / y; }); }
 inline vf vfmadd(const vf& a, const vf& b, const vf& c) { return vadd(vmul(a, b), c); }
+inline vf vmax(const vf& a, const vf& b) { return vmap2(a, b, [](float x, float y) { return std::max(x, y); }); }
 inline float vhmax(const vf& a) { return *std::max_element(a.x, a.x + W); }
 inline float vhsum(const vf& a) {
     float s = 0;
@@ -562,7 +565,7 @@ inline int64_t partial_floats(const Problem& p, int64_t rows) { return rows * (p
 // A thread's buffers for one unit at a time (64-byte aligned, all fp32 but pos).
 class Workspace {
    public:
-    Workspace(int64_t rows, int64_t hdp) {
+    Workspace(int64_t rows, int64_t hdp, bool i16) {
         const int64_t sizes[] = {rows * hdp, rows * hdp, rows * KMAX, W * hdp, W * hdp, rows, rows, hdp};
         int64_t total = 0;
         for (int64_t n : sizes) total += round_up(n, 16);
@@ -575,8 +578,7 @@ class Workspace {
             at += round_up(sizes[i], 16);
         }
         pos.resize(size_t(rows));
-        q16.resize(size_t(rows * hdp));
-        q16_scale.resize(size_t(rows));
+        if (i16) q16.resize(size_t(rows * hdp)), q16_scale.resize(size_t(rows));
         std::fill(zero, zero + hdp, 0.f);
         zero_row = reinterpret_cast<const uint8_t*>(zero);
     }
@@ -904,8 +906,9 @@ void pv_i16_rows(int rows, int groups, float* o, int64_t hdp, const float* p, co
 }
 #endif
 
-// One row's online-softmax step: its first `valid` scores (>= 1) become probabilities in place
-// (the rest 0); when the running max grows, the sum and the output so far are rescaled.
+// One row's online-softmax step over a chunk of V vectors of scores: its first `valid` (>= 1)
+// become probabilities in place (the rest 0); when the running max grows, the sum and the output
+// so far are rescaled.
 inline void raise_max(float top, float& m, float& l, float* o, int64_t hdp) {
     if (top > m) {
         if (l != 0.f) {  // m was finite: rescale what was accumulated under it
@@ -916,12 +919,20 @@ inline void raise_max(float top, float& m, float& l, float* o, int64_t hdp) {
         m = top;
     }
 }
+template <int V>
 inline void softmax_row(float* s, int valid, float& m, float& l, float* o, int64_t hdp) {
-    const vf x = vfirst(vload(s), valid, kNegInf);
-    raise_max(vhmax(x), m, l, o, hdp);
-    const vf e = vfirst(vexp(vsub(x, vset1(m))), valid, 0.f);
-    l += vhsum(e);
-    vstore(s, e);
+    vf x[V];
+    for (int v = 0; v < V; ++v) x[v] = vfirst(vload(s + v * W), std::clamp(valid - v * W, 0, W), kNegInf);
+    vf top = x[0];
+    for (int v = 1; v < V; ++v) top = vmax(top, x[v]);
+    raise_max(vhmax(top), m, l, o, hdp);
+    vf sum = vzero();
+    for (int v = 0; v < V; ++v) {
+        const vf e = vfirst(vexp(vsub(x[v], vset1(m))), std::clamp(valid - v * W, 0, W), 0.f);
+        sum = v == 0 ? e : vadd(sum, e);
+        vstore(s + v * W, e);
+    }
+    l += vhsum(sum);
 }
 
 // A chunk's first n cache rows (each `offset` bytes past rows[j]) as fp32 rows of buf ([n][hdp],
@@ -943,6 +954,9 @@ void convert_rows(const Problem& p, const uint8_t* const* rows, int64_t offset, 
 // a verification): the conversion is exact, so the scores' bits are those of converting as loaded.
 template <int DT>
 void chunk_scores(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows, Prefetcher* pf) {
+    if constexpr (DT == KV_FP8) {  // no NaN byte: the conversion without its fix-up
+        if (!fp8_any_nan(krows, W, 0, p.hd)) return chunk_scores<KV_FP8_FINITE>(p, ws, rows, krows, pf);
+    }
     if constexpr (DT != KV_F32) {
         if (rows > DOT_ROWS) {
             const uint8_t* converted[W];
@@ -956,15 +970,17 @@ void chunk_scores(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* 
     }
 }
 
-// Scores into probabilities, row by row, for the chunk of n keys from key kc (causal: a row at
-// position pos sees keys up to pos).
+// Scores into probabilities, row by row, for the chunk of n keys (V vectors a row) from key kc
+// (causal: a row at position pos sees keys up to pos).
+template <int V = 1>
 void chunk_softmax(const Problem& p, Workspace& ws, int64_t rows, int64_t kc, int n) {
     for (int64_t r = 0; r < rows; ++r) {
+        float* s = ws.s + r * V * W;
         const int valid = int(std::clamp<int64_t>(ws.pos[size_t(r)] - kc + 1, 0, n));
         if (valid == 0)
-            std::fill(ws.s + r * W, ws.s + (r + 1) * W, 0.f);
+            std::fill(s, s + V * W, 0.f);
         else
-            softmax_row(ws.s + r * W, valid, ws.m[r], ws.l[r], ws.o + r * p.hdp, p.hdp);
+            softmax_row<V>(s, valid, ws.m[r], ws.l[r], ws.o + r * p.hdp, p.hdp);
     }
 }
 
@@ -988,6 +1004,9 @@ void values_tiles(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* 
 // tile: converted as loaded); else converted once into vb, zero-padded.
 template <int DT>
 void chunk_values(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows, int n, Prefetcher* pf) {
+    if constexpr (DT == KV_FP8) {  // no NaN byte: the conversion without its fix-up
+        if (!fp8_any_nan(krows, n, p.v_bytes, p.hd)) return chunk_values<KV_FP8_FINITE>(p, ws, rows, krows, n, pf);
+    }
     if (p.hd % W == 0 && (DT == KV_F32 || rows <= PV_ROWS)) {
         for (int j = 0; j < n; ++j) ws.v[j] = krows[j] + p.v_bytes;
         return values_tiles<DT>(p, ws, rows, ws.v, n, pf);
@@ -1009,23 +1028,7 @@ void chunk_i16(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* con
             qk_i16_rows<DOT_ROWS>(rr, ws.q16.data() + r0 * p.hd, ws.q16_scale.data() + r0, p.hd, krows + h * W,
                                   ws.s + r0 * KMAX + h * W, KMAX);
     }
-    for (int64_t r = 0; r < rows; ++r) {
-        float* s = ws.s + r * KMAX;
-        const int valid = int(std::clamp<int64_t>(ws.pos[size_t(r)] - kc + 1, 0, n));
-        if (valid == 0) {
-            std::fill(s, s + KMAX, 0.f);
-            continue;
-        }
-        const int valid1 = std::max(valid - W, 0);
-        const vf x0 = vfirst(vload(s), std::min(valid, W), kNegInf);
-        const vf x1 = valid1 > 0 ? vfirst(vload(s + W), valid1, kNegInf) : vset1(kNegInf);
-        raise_max(vhmax(_mm512_max_ps(x0, x1)), ws.m[r], ws.l[r], ws.o + r * p.hdp, p.hdp);
-        const vf e0 = vfirst(vexp(vsub(x0, vset1(ws.m[r]))), std::min(valid, W), 0.f);
-        const vf e1 = valid1 > 0 ? vfirst(vexp(vsub(x1, vset1(ws.m[r]))), valid1, 0.f) : vzero();
-        ws.l[r] += vhsum(vadd(e0, e1));
-        vstore(s, e0);
-        vstore(s + W, e1);
-    }
+    chunk_softmax<KMAX / W>(p, ws, rows, kc, n);
     // Values: keys in pairs, an odd chunk's last with the zero row (its p is 0).
     for (int j = 0; j < n; ++j) ws.v[j] = krows[j] + p.v_bytes;
     const int pairs = (n + 1) / 2 * 2;
@@ -1220,17 +1223,11 @@ void run_task(const Problem& p, const Plan& plan, const Task& t, std::deque<Work
             }
 #endif
             pf.arm(kh * p.head_stride, k_quota);
-            if (DT == KV_FP8 && !fp8_any_nan(head_rows, n, 0, p.hd))
-                chunk_scores<KV_FP8_FINITE>(p, w, rows, head_rows, &pf);
-            else
-                chunk_scores<DT>(p, w, rows, head_rows, &pf);
+            chunk_scores<DT>(p, w, rows, head_rows, &pf);
             pf.drain();
             chunk_softmax(p, w, rows, kc, n);
             pf.arm(p.v_bytes + kh * p.head_stride, v_quota);
-            if (DT == KV_FP8 && !fp8_any_nan(head_rows, n, p.v_bytes, p.hd))
-                chunk_values<KV_FP8_FINITE>(p, w, rows, head_rows, n, &pf);
-            else
-                chunk_values<DT>(p, w, rows, head_rows, n, &pf);
+            chunk_values<DT>(p, w, rows, head_rows, n, &pf);
             pf.drain();
         }
     }
@@ -1288,7 +1285,7 @@ void paged_attention(const AttentionArgs& a) {
 #pragma omp parallel num_threads(threads) if (parallel)
     {
         std::deque<Workspace> ws;  // one per KV head (a deque: workspaces are not movable)
-        for (int64_t kh = 0; kh < kvh; ++kh) ws.emplace_back(p.tile_tokens * p.group, p.hdp);
+        for (int64_t kh = 0; kh < kvh; ++kh) ws.emplace_back(p.tile_tokens * p.group, p.hdp, p.i16);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < n_tasks; ++i) run(p, plan, plan.tasks[size_t(i)], ws, scratch.data());
         if (n_splits > 0) {  // the same on every thread, as a worksharing construct must be
