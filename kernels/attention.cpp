@@ -637,8 +637,10 @@ class KeyCursor {
 // fp32 rows are requested a few lines per turn of the loops that compute the current chunk
 // (step()), so that memory streams while the arithmetic runs: all of a chunk's requests at once
 // stall the core on its miss buffers with the arithmetic waiting behind them (measured: cold fp32
-// decode at 32 x 512 ~10% faster spread, 1.53 -> 1.38 ms). A quantized chunk's rows, 16 lines a
-// head, go at once (a quota of 0).
+// decode at 32 x 512 ~10% faster spread, 1.53 -> 1.38 ms). So are the int16 path's 32-key
+// chunks, 32 lines a head for K and as many for V (cold int8 decode at 32 x 512 ~5% faster spread,
+// 0.505-0.517 -> 0.480-0.492 ms, interleaved); the other quantized chunks' rows, 16 lines a head,
+// go at once (a quota of 0).
 class Prefetcher {
    public:
     // The n rows (each `bytes` long) of the next chunk, as runs.
@@ -815,10 +817,11 @@ inline __m512i widen32(const uint8_t* p) {
 // a constant, else 0).
 template <int R, int NV>
 NS_VNNI void qk_i16(const int16_t* q16, const float* scale, int64_t hd, const uint8_t* const* rows, float* s,
-                    int64_t lds) {
+                    int64_t lds, Prefetcher* pf) {
     const int64_t nv = NV > 0 ? NV : hd / 32;
     __m512i folded[R][W / 4];
     for (int g = 0; g < W / 4; ++g) {
+        if (pf != nullptr) pf->step();
         __m512i acc[R][4];
         for (int r = 0; r < R; ++r)
             for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_si512();
@@ -839,13 +842,13 @@ NS_VNNI void qk_i16(const int16_t* q16, const float* scale, int64_t hd, const ui
 
 template <int R>
 void qk_i16_rows(int rows, const int16_t* q16, const float* scale, int64_t hd, const uint8_t* const* k, float* s,
-                 int64_t lds) {
+                 int64_t lds, Prefetcher* pf) {
     if constexpr (R > 1) {
-        if (rows < R) return qk_i16_rows<R - 1>(rows, q16, scale, hd, k, s, lds);
+        if (rows < R) return qk_i16_rows<R - 1>(rows, q16, scale, hd, k, s, lds, pf);
     }
-    if (hd == 64) return qk_i16<R, 2>(q16, scale, hd, k, s, lds);
-    if (hd == 128) return qk_i16<R, 4>(q16, scale, hd, k, s, lds);
-    qk_i16<R, 0>(q16, scale, hd, k, s, lds);
+    if (hd == 64) return qk_i16<R, 2>(q16, scale, hd, k, s, lds, pf);
+    if (hd == 128) return qk_i16<R, 4>(q16, scale, hd, k, s, lds, pf);
+    qk_i16<R, 0>(q16, scale, hd, k, s, lds, pf);
 }
 
 // o[r][0, 32 H) += sum over the chunk's keys of p[r][key] v[key][offset, offset + 32 H), R rows:
@@ -854,7 +857,8 @@ void qk_i16_rows(int rows, const int16_t* q16, const float* scale, int64_t hd, c
 // valid pointers; p is 0 past n). The interleave leaves lane i of the low / high sums holding
 // element 8 (i / 4) + i % 4 (+ 4) of a 32-element group, put back in order as they are added.
 template <int R, int H>
-NS_VNNI void pv_i16(float* o, int64_t hdp, const float* p, const uint8_t* const* v, int64_t offset, int n) {
+NS_VNNI void pv_i16(float* o, int64_t hdp, const float* p, const uint8_t* const* v, int64_t offset, int n,
+                    Prefetcher* pf) {
     alignas(64) int16_t p16[R][KMAX];
     float pscale[R];
     for (int r = 0; r < R; ++r) {  // p: [R][KMAX]
@@ -869,6 +873,7 @@ NS_VNNI void pv_i16(float* o, int64_t hdp, const float* p, const uint8_t* const*
     for (int r = 0; r < R; ++r)
         for (int c = 0; c < 2 * H; ++c) acc[r][c] = _mm512_setzero_si512();
     for (int j = 0; j < n; j += 2) {
+        if (pf != nullptr) pf->step();
         __m512i pair[2 * H];
         for (int h = 0; h < H; ++h) {
             const __m512i a = widen32(v[j] + offset + 32 * h), b = widen32(v[j + 1] + offset + 32 * h);
@@ -897,12 +902,12 @@ NS_VNNI void pv_i16(float* o, int64_t hdp, const float* p, const uint8_t* const*
 
 template <int R>
 void pv_i16_rows(int rows, int groups, float* o, int64_t hdp, const float* p, const uint8_t* const* v,
-                 int64_t offset, int n) {
+                 int64_t offset, int n, Prefetcher* pf) {
     if constexpr (R > 1) {
-        if (rows < R) return pv_i16_rows<R - 1>(rows, groups, o, hdp, p, v, offset, n);
+        if (rows < R) return pv_i16_rows<R - 1>(rows, groups, o, hdp, p, v, offset, n, pf);
     }
-    if (groups == 2) return pv_i16<R, 2>(o, hdp, p, v, offset, n);
-    pv_i16<R, 1>(o, hdp, p, v, offset, n);
+    if (groups == 2) return pv_i16<R, 2>(o, hdp, p, v, offset, n, pf);
+    pv_i16<R, 1>(o, hdp, p, v, offset, n, pf);
 }
 #endif
 
@@ -1021,25 +1026,34 @@ void chunk_values(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* 
 // all of them: the softmax's reductions and the values' per-chunk rounding and scaling come once
 // per 32 keys. Chunks start at multiples of KMAX from key 0 in every plan (partitions are
 // multiples of it), so a row's bits still depend on its own sequence alone.
-void chunk_i16(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows, int64_t kc, int n) {
+// The next chunk's rows of KV head kh are requested during this one's loops: K's a few lines per
+// turn of the score loop, V's per turn of the value loop.
+void chunk_i16(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows, int64_t kc, int n,
+               Prefetcher* pf, int64_t kh) {
+    const int64_t lines = (KMAX * p.head_bytes + 63) / 64;
+    pf->arm(kh * p.head_stride, (lines + KMAX / 4 - 1) / (KMAX / 4));
     for (int64_t r0 = 0; r0 < rows; r0 += DOT_ROWS) {
         const int rr = int(std::min<int64_t>(DOT_ROWS, rows - r0));
         for (int h = 0; h * W < n; ++h)
             qk_i16_rows<DOT_ROWS>(rr, ws.q16.data() + r0 * p.hd, ws.q16_scale.data() + r0, p.hd, krows + h * W,
-                                  ws.s + r0 * KMAX + h * W, KMAX);
+                                  ws.s + r0 * KMAX + h * W, KMAX, r0 == 0 ? pf : nullptr);
     }
+    pf->drain();
     chunk_softmax<KMAX / W>(p, ws, rows, kc, n);
     // Values: keys in pairs, an odd chunk's last with the zero row (its p is 0).
     for (int j = 0; j < n; ++j) ws.v[j] = krows[j] + p.v_bytes;
     const int pairs = (n + 1) / 2 * 2;
     if (pairs > n) ws.v[n] = ws.zero_row;
+    pf->arm(p.v_bytes + kh * p.head_stride, (lines + KMAX / 2 - 1) / (KMAX / 2));
     for (int64_t r0 = 0; r0 < rows; r0 += PV_ROWS) {
         const int rr = int(std::min<int64_t>(PV_ROWS, rows - r0));
         for (int64_t c0 = 0; c0 < p.hd; c0 += 64) {
             const int groups = int(std::min<int64_t>(2, (p.hd - c0) / 32));
-            pv_i16_rows<PV_ROWS>(rr, groups, ws.o + r0 * p.hdp + c0, p.hdp, ws.s + r0 * KMAX, ws.v, c0, pairs);
+            pv_i16_rows<PV_ROWS>(rr, groups, ws.o + r0 * p.hdp + c0, p.hdp, ws.s + r0 * KMAX, ws.v, c0, pairs,
+                                 r0 == 0 && c0 == 0 ? pf : nullptr);
         }
     }
+    pf->drain();
 }
 #endif
 
@@ -1215,10 +1229,8 @@ void run_task(const Problem& p, const Plan& plan, const Task& t, std::deque<Work
             for (int j = 0; j < n; ++j) head_rows[j] = cur[j] + kh * p.head_stride;
             std::fill(head_rows + n, head_rows + ck, w.zero_row);
 #if defined(__AVX512F__)
-            if (DT == KV_I8 && p.i16) {  // (quantized: the next chunk's requests at once)
-                pf.arm(kh * p.head_stride, 0);
-                pf.arm(p.v_bytes + kh * p.head_stride, 0);
-                chunk_i16(p, w, rows, head_rows, kc, n);
+            if (DT == KV_I8 && p.i16) {  // (requests spread over its own loops)
+                chunk_i16(p, w, rows, head_rows, kc, n, &pf, kh);
                 continue;
             }
 #endif
