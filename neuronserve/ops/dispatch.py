@@ -47,6 +47,7 @@ def call_directly(t: torch.Tensor) -> bool:
     whatever traces or profiles the model still sees the ``neuronserve::`` ops."""
     return (
         type(t) is torch.Tensor
+        and t.device.type == "cpu"
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
         and not torch.autograd._profiler_enabled()

@@ -131,6 +131,8 @@ def _linear_fake(x, weight, wtype, scale, minimum, group_size, bias, int8_activa
 def linear(x, weight, wtype=W_F32, scale=None, minimum=None, group_size=0, bias=None, int8_activations=False):
     """``x [M, K] @ W^T (+ bias)`` with ``W [N, K]`` in format ``wtype`` (see the module doc);
     ``int8_activations`` (int8 weights, AVX-512 VNNI) quantizes x per row in blocks of 32."""
+    if call_directly(x):  # (as paged_attention: torch's dispatcher costs ~7 us a call)
+        return _linear_cpu(x, weight, wtype, scale, minimum, group_size, bias, int8_activations)
     return torch.ops.neuronserve.linear(x, weight, wtype, scale, minimum, group_size, bias, int8_activations)
 
 
