@@ -382,3 +382,17 @@ def test_write_kv_rejects_bad_arguments():
         write_kv(k, v, cache.float().bfloat16(), torch.tensor([0, 1]), scale)
     with pytest.raises(ValueError, match="^kv_cache: must be contiguous"):
         write_kv(k, v, cache.transpose(1, 2).contiguous().transpose(1, 2), torch.tensor([0, 1]), scale)
+
+
+def test_tensors_off_the_cpu_go_through_the_dispatcher_to_the_fake_impls():
+    # (meta tensors are plain torch.Tensors too: they must not reach the C library)
+    meta = {"device": "meta"}
+    q = torch.empty(2, 4, 16, **meta)
+    cache, scale = torch.empty(2, 5, 2, 4, 16, **meta), torch.empty(2, 2, **meta)
+    tables = torch.empty(2, 3, dtype=torch.int64, **meta)
+    qsl, ctx = torch.empty(3, dtype=torch.int64, **meta), torch.empty(2, dtype=torch.int64, **meta)
+    out = paged_attention(q, cache, tables, qsl, ctx, scale, 0.25)
+    assert out.device.type == "meta" and out.shape == q.shape
+    k = torch.empty(2, 2, 16, **meta)
+    slots = torch.empty(2, dtype=torch.int64, **meta)
+    write_kv(k, k, cache, slots, scale)  # (returns nothing: what it checks is that it does not crash)
