@@ -911,9 +911,8 @@ void pv_i16_rows(int rows, int groups, float* o, int64_t hdp, const float* p, co
 }
 #endif
 
-// One row's online-softmax step over a chunk of V vectors of scores: its first `valid` (>= 1)
-// become probabilities in place (the rest 0); when the running max grows, the sum and the output
-// so far are rescaled.
+// A row's running max raised to `top` if that is larger; the sum and the output accumulated under
+// the old max are rescaled to the new one.
 inline void raise_max(float top, float& m, float& l, float* o, int64_t hdp) {
     if (top > m) {
         if (l != 0.f) {  // m was finite: rescale what was accumulated under it
@@ -924,6 +923,8 @@ inline void raise_max(float top, float& m, float& l, float* o, int64_t hdp) {
         m = top;
     }
 }
+// One row's online-softmax step over a chunk of V vectors of scores: its first `valid` (>= 1)
+// become probabilities in place (the rest 0).
 template <int V>
 inline void softmax_row(float* s, int valid, float& m, float& l, float* o, int64_t hdp) {
     vf x[V];
@@ -1026,12 +1027,11 @@ void chunk_values(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* 
 // all of them: the softmax's reductions and the values' per-chunk rounding and scaling come once
 // per 32 keys. Chunks start at multiples of KMAX from key 0 in every plan (partitions are
 // multiples of it), so a row's bits still depend on its own sequence alone.
-// The next chunk's rows of KV head kh are requested during this one's loops: K's a few lines per
-// turn of the score loop, V's per turn of the value loop.
+// The next chunk's rows of KV head kh are requested during this one's loops, k_quota / v_quota
+// lines a turn of the score / value loop (run_task's quotas).
 void chunk_i16(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows, int64_t kc, int n,
-               Prefetcher* pf, int64_t kh) {
-    const int64_t lines = (KMAX * p.head_bytes + 63) / 64;
-    pf->arm(kh * p.head_stride, (lines + KMAX / 4 - 1) / (KMAX / 4));
+               Prefetcher* pf, int64_t kh, int64_t k_quota, int64_t v_quota) {
+    pf->arm(kh * p.head_stride, k_quota);
     for (int64_t r0 = 0; r0 < rows; r0 += DOT_ROWS) {
         const int rr = int(std::min<int64_t>(DOT_ROWS, rows - r0));
         for (int h = 0; h * W < n; ++h)
@@ -1044,7 +1044,7 @@ void chunk_i16(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* con
     for (int j = 0; j < n; ++j) ws.v[j] = krows[j] + p.v_bytes;
     const int pairs = (n + 1) / 2 * 2;
     if (pairs > n) ws.v[n] = ws.zero_row;
-    pf->arm(p.v_bytes + kh * p.head_stride, (lines + KMAX / 2 - 1) / (KMAX / 2));
+    pf->arm(p.v_bytes + kh * p.head_stride, v_quota);
     for (int64_t r0 = 0; r0 < rows; r0 += PV_ROWS) {
         const int rr = int(std::min<int64_t>(PV_ROWS, rows - r0));
         for (int64_t c0 = 0; c0 < p.hd; c0 += 64) {
@@ -1205,13 +1205,16 @@ void run_task(const Problem& p, const Plan& plan, const Task& t, std::deque<Work
     for (int64_t kh = 0; kh < kvh; ++kh) stage_queries(p, Unit{t.seq, kh, t.t0, t.t1, t.k0, t.k1}, ws[size_t(kh)]);
     KeyCursor keys(p, t.seq, 0, t.k0);  // head 0's rows; head kh's lie kh * head_stride further
     const uint8_t *cur[KMAX], *next[KMAX], *head_rows[KMAX];
-    const int ck = DT == KV_I8 && p.i16 ? KMAX : W;  // keys a chunk
+    const bool i16 = DT == KV_I8 && p.i16;
+    const int ck = i16 ? KMAX : W;  // keys a chunk
     Prefetcher pf;
-    // Lines a turn: the score loop's W / 4 turns and the value loop's W (a turn a key) each
-    // request a chunk's rows of one head; quantized chunks at once (0).
-    const int64_t chunk_lines = (W * p.head_bytes + 63) / 64;
-    const int64_t k_quota = DT == KV_F32 ? (chunk_lines + W / 4 - 1) / (W / 4) : 0;
-    const int64_t v_quota = DT == KV_F32 ? (chunk_lines + W - 1) / W : 0;
+    // Lines a turn: the score loop's ck / 4 turns and the value loop's (a key a turn; a pair on the
+    // int16 path) each request a chunk's rows of one head; other quantized chunks at once (0).
+    const bool spread = DT == KV_F32 || i16;
+    const int64_t chunk_lines = (ck * p.head_bytes + 63) / 64;
+    const int64_t value_turns = i16 ? ck / 2 : ck;
+    const int64_t k_quota = spread ? (chunk_lines + ck / 4 - 1) / (ck / 4) : 0;
+    const int64_t v_quota = spread ? (chunk_lines + value_turns - 1) / value_turns : 0;
     int n_next = int(std::min<int64_t>(ck, t.k1 - t.k0));
     keys.next(n_next, next);
     pf.plan(next, n_next, p.head_bytes);
@@ -1229,8 +1232,8 @@ void run_task(const Problem& p, const Plan& plan, const Task& t, std::deque<Work
             for (int j = 0; j < n; ++j) head_rows[j] = cur[j] + kh * p.head_stride;
             std::fill(head_rows + n, head_rows + ck, w.zero_row);
 #if defined(__AVX512F__)
-            if (DT == KV_I8 && p.i16) {  // (requests spread over its own loops)
-                chunk_i16(p, w, rows, head_rows, kc, n, &pf, kh);
+            if (i16) {
+                chunk_i16(p, w, rows, head_rows, kc, n, &pf, kh, k_quota, v_quota);
                 continue;
             }
 #endif
