@@ -40,7 +40,6 @@ import math
 import os
 import platform
 import random
-import re
 import signal
 import socket
 import statistics
@@ -88,7 +87,12 @@ SHOPS = [
 
 
 class PeerUnavailable(Exception):
-    """A peer could not be installed or started; the message says why."""
+    """A peer could not be installed or started; the message says why. ``returncode``: the
+    server's exit status when it exited while starting (negative: killed by that signal)."""
+
+    def __init__(self, message: str, returncode: int | None = None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
 
 
 # ------------------------------------------------------------------ workload
@@ -166,7 +170,8 @@ def start(
         if proc.poll() is not None:
             stop(proc)
             raise PeerUnavailable(
-                f"{Path(cmd[0]).name} exited with {proc.returncode} while starting: {tail(log)}"
+                f"{Path(cmd[0]).name} exited with {proc.returncode} while starting: {tail(log)}",
+                returncode=proc.returncode,
             )
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
@@ -382,12 +387,12 @@ def run_peer(peer: str, cmd: list[str], log: Path, levels, warmup, env, timeout,
     try:
         return run_target(peer, cmd, log, levels, warmup, env=env, timeout=timeout)
     except PeerUnavailable as exc:
-        crash = re.search(r"exited with -(4|11) while starting", str(exc))
-        if peer != LLAMA or crash is None or "--no-repack" in cmd:
+        crashed = exc.returncode in (-signal.SIGILL, -signal.SIGSEGV)
+        if peer != LLAMA or not crashed or "--no-repack" in cmd:
             raise
         cmd = [*cmd, "--no-repack"]
         record["command"] = " ".join(cmd)
-        name = signal.Signals(int(crash.group(1))).name
+        name = signal.Signals(-exc.returncode).name
         record["reason"] = (
             f"crashed ({name}) at start-up with its default AMX weight repacking; run with --no-repack"
         )
