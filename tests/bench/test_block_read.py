@@ -1,0 +1,82 @@
+"""benchmarks/block_read.py: the no-arithmetic read behind cpu_kernels.py's attention ceiling must
+read exactly the rows one attention call reads, each once, or its figure means nothing."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+# Loaded from its file: putting benchmarks/ on sys.path would let its scripts shadow packages.
+_spec = importlib.util.spec_from_file_location(
+    "block_read", Path(__file__).resolve().parents[2] / "benchmarks" / "block_read.py"
+)
+block_read = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(block_read)
+
+DTYPES = [torch.float32, torch.int8, torch.float8_e4m3fn]
+
+
+@pytest.fixture(scope="module")
+def reader():
+    loaded = block_read.load()
+    if isinstance(loaded, str):
+        pytest.skip(f"block reader not built: {loaded}")
+    return loaded
+
+
+def random_cache(dtype, blocks, kv_heads, block, head_dim):
+    if dtype == torch.int8:
+        return torch.randint(-128, 128, (2, blocks, kv_heads, block, head_dim), dtype=torch.int8)
+    return torch.randn(2, blocks, kv_heads, block, head_dim).to(dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    dtype=st.sampled_from(DTYPES),
+    kv_heads=st.integers(1, 4),
+    block=st.integers(1, 20),
+    head_dim=st.sampled_from([8, 24, 64, 80, 128]),
+    num_seqs=st.integers(1, 6),
+    chunk=st.sampled_from([1, 16, 32]),
+    seed=st.integers(0, 2**16),
+)
+def test_reads_exactly_the_calls_rows(reader, dtype, kv_heads, block, head_dim, num_seqs, chunk, seed):
+    g = torch.Generator().manual_seed(seed)
+    per_seq = 4
+    blocks = num_seqs * per_seq + 3
+    torch.manual_seed(seed)
+    cache = random_cache(dtype, blocks, kv_heads, block, head_dim)
+    tables = (torch.randperm(blocks - 1, generator=g) + 1)[: num_seqs * per_seq].view(num_seqs, per_seq)
+    ctx = torch.randint(1, per_seq * block + 1, (num_seqs,), generator=g)
+    assert reader.read(cache, tables, ctx, chunk) == block_read.expected_xor(cache, tables, ctx)
+
+
+def test_a_row_left_out_or_read_twice_changes_the_checksum(reader):
+    torch.manual_seed(0)
+    cache = random_cache(torch.int8, 9, 3, 16, 64)
+    tables = torch.tensor([[3, 1], [7, 2]])
+    full = torch.tensor([32, 20])
+    got = reader.read(cache, tables, full, 16)
+    assert got == block_read.expected_xor(cache, tables, full)
+    assert got != block_read.expected_xor(cache, tables, torch.tensor([32, 19]))
+    assert got != block_read.expected_xor(cache, tables, torch.tensor([31, 20]))
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda c, t, n: (c[0], t, n), "cache"),
+        (lambda c, t, n: (c, t.int(), n), "int64"),
+        (lambda c, t, n: (c, t, n + 100), "context_lens"),
+        (lambda c, t, n: (c, t + 50, n), "tables"),
+        (lambda c, t, n: (c[..., :3], t, n), "cache"),
+    ],
+)
+def test_bad_input_names_the_argument(reader, change, field):
+    cache = torch.zeros(2, 9, 3, 16, 64, dtype=torch.int8)
+    tables, ctx = torch.tensor([[3, 1]]), torch.tensor([20])
+    with pytest.raises(ValueError, match=field):
+        reader.read(*change(cache, tables, ctx), 16)
