@@ -8,11 +8,12 @@
 //   and a range of its keys. Its rows are every query head of the head's GQA group for every
 //   token of the tile, so each K/V row, once loaded, serves all of them: in decode K and V are
 //   read from memory once per (sequence, KV head), in place through the block table.
-// - Keys go by chunks of W (the vector width). Scores: dot products of the K rows as they lie,
-//   W keys' sums folded into one vector per row, a few rows a pass (an earlier transposed-K
-//   path for prefill tiles was ~8% faster there, but gave a row other bits than decode).
-//   Values: o[row] += p[key] * V[key] in register tiles, V read in place (converted as loaded)
-//   or converted once per chunk.
+// - Keys go by chunks of KMAX = 2 W (32 with AVX-512): one online-softmax step a chunk. Scores:
+//   dot products of the K rows as they lie, W keys' sums folded into one vector per row, a few
+//   rows a pass (an earlier transposed-K path for prefill tiles was ~8% faster there, but gave a
+//   row other bits than decode). Values: o[row] += p[key] * V[key] in register tiles, V read in
+//   place (converted as loaded) or converted once per chunk. (Chunks of W keys, the earlier
+//   size: cold fp32 decode at 32 x 512 ~2% slower, 1.31-1.33 against 1.29-1.31 ms, interleaved.)
 // - An int8 cache on AVX-512 VNNI is read in int16 fixed point instead (vpdpwssd, chunks of 32
 //   keys: see "int8 cache in int16" below). An fp8 chunk with no NaN byte skips the per-element
 //   NaN fix-up of its conversion (fp8_any_nan).
@@ -566,7 +567,7 @@ inline int64_t partial_floats(const Problem& p, int64_t rows) { return rows * (p
 class Workspace {
    public:
     Workspace(int64_t rows, int64_t hdp, bool i16) {
-        const int64_t sizes[] = {rows * hdp, rows * hdp, rows * KMAX, W * hdp, W * hdp, rows, rows, hdp};
+        const int64_t sizes[] = {rows * hdp, rows * hdp, rows * KMAX, W * hdp, KMAX * hdp, rows, rows, hdp};
         int64_t total = 0;
         for (int64_t n : sizes) total += round_up(n, 16);
         mem_ = static_cast<float*>(std::aligned_alloc(64, size_t(total) * sizeof(float)));
@@ -588,9 +589,9 @@ class Workspace {
 
     float* q;   // [rows][hdp]: queries times the softmax scale and K scale
     float* o;   // [rows][hdp]: unnormalized outputs
-    float* s;   // [rows][chunk keys]: a chunk's scores, then probabilities
+    float* s;   // [rows][KMAX]: a chunk's scores, then probabilities
     float* kb;  // [W][hdp]: a chunk's K rows, fp32 (when converted once for many rows)
-    float* vb;  // [W][hdp]: a chunk's V rows, fp32 (unless read in place)
+    float* vb;  // [KMAX][hdp]: a chunk's V rows, fp32 (unless read in place)
     const uint8_t* v[KMAX];  // the chunk's V rows (in the cache, or in vb)
     float* m;   // [rows]: running max
     float* l;   // [rows]: running sum
@@ -639,7 +640,7 @@ class KeyCursor {
 // stall the core on its miss buffers with the arithmetic waiting behind them (measured: cold fp32
 // decode at 32 x 512 ~10% faster spread, 1.53 -> 1.38 ms). So are the int16 path's 32-key
 // chunks, 32 lines a head for K and as many for V (cold int8 decode at 32 x 512 ~5% faster spread,
-// 0.505-0.517 -> 0.480-0.492 ms, interleaved); the other quantized chunks' rows, 16 lines a head,
+// 0.505-0.517 -> 0.480-0.492 ms, interleaved); the other quantized chunks' rows, 32 lines a head,
 // go at once (a quota of 0).
 class Prefetcher {
    public:
@@ -688,9 +689,9 @@ class Prefetcher {
     const uint8_t* line_ = nullptr;
 };
 
-// Scores of R query rows against the chunk's n keys read as rows (no transpose): a vector of
-// per-dimension products per (row, key), folded into one score vector per row. Each row has its
-// own accumulators, so its result is the same whatever R is.
+// Scores of R query rows against W keys read as rows (no transpose): a vector of per-dimension
+// products per (row, key), folded into one score vector per row, stored at s[r * KMAX]. Each row
+// has its own accumulators, so its result is the same whatever R is.
 template <int DT, int R, int HD>
 void qk_dot(const float* q, int64_t hdp, const uint8_t* const* rows, int64_t head_dim, float* s, Prefetcher* pf) {
     constexpr int64_t es = DT == KV_F32 ? 4 : 1;
@@ -712,7 +713,7 @@ void qk_dot(const float* q, int64_t hdp, const uint8_t* const* rows, int64_t hea
         }
         for (int r = 0; r < R; ++r) folded[r][g] = fold4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
     }
-    for (int r = 0; r < R; ++r) vstore(s + r * W, fold_lanes(folded[r]));
+    for (int r = 0; r < R; ++r) vstore(s + r * KMAX, fold_lanes(folded[r]));
 }
 
 template <int DT, int R>
@@ -729,8 +730,8 @@ void qk_dot_rows(int rows, const float* q, int64_t hdp, const uint8_t* const* k,
     qk_dot<DT, R, 0>(q, hdp, k, hd, s, pf);
 }
 
-// Output tile of R rows x C vectors: o[r] += sum_{key < n} p[r][key] v[key], v[key] being the
-// C vectors at element `offset` of key's V row, stored as DT (converted as they are loaded).
+// Output tile of R rows x C vectors: o[r] += sum_{key < n} p[r * KMAX + key] v[key], v[key] being
+// the C vectors at element `offset` of key's V row, stored as DT (converted as they are loaded).
 template <int DT, int R, int C>
 void pv_tile(float* o, int64_t hdp, const float* p, const uint8_t* const* v, int64_t offset, int n, Prefetcher* pf) {
     constexpr int64_t es = DT == KV_F32 ? 4 : 1;
@@ -744,7 +745,7 @@ void pv_tile(float* o, int64_t hdp, const float* p, const uint8_t* const* v, int
         vf vv[C];
         for (int c = 0; c < C; ++c) vv[c] = load_cvt<DT>(v[j] + (offset + c * W) * es);
         for (int r = 0; r < R; ++r) {
-            const vf pj = vset1(p[r * W + j]);
+            const vf pj = vset1(p[r * KMAX + j]);
             for (int c = 0; c < C; ++c) acc[r][c] = vfmadd(pj, vv[c], acc[r][c]);
         }
     }
@@ -952,41 +953,47 @@ void convert_rows(const Problem& p, const uint8_t* const* rows, int64_t offset, 
     }
 }
 
-// The unit's scores against the chunk whose K rows are at krows (W of them, the ones past the
-// sequence's keys pointing at zeros): dot products of the K rows as they lie, DOT_ROWS rows a
-// pass. One method for every row, decode or prefill: a row's arithmetic (and so its bits) never
-// depends on how many rows share the unit, which makes the kernel batch invariant (see the top).
-// Quantized K rows are converted once into kb when more than one pass reads them (a prefill tile,
-// a verification): the conversion is exact, so the scores' bits are those of converting as loaded.
+// The unit's scores against W keys whose K rows are at krows (the ones past the sequence's keys
+// pointing at zeros), into s (row r at s[r * KMAX]): dot products of the K rows as they lie,
+// DOT_ROWS rows a pass. One method for every row, decode or prefill: a row's arithmetic (and so
+// its bits) never depends on how many rows share the unit, which makes the kernel batch
+// invariant (see the top). Quantized K rows are converted once into kb when more than one pass
+// reads them (a prefill tile, a verification): the conversion is exact, so the scores' bits are
+// those of converting as loaded.
 template <int DT>
-void chunk_scores(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows, Prefetcher* pf) {
+void scores_w(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows, float* s, Prefetcher* pf) {
     if constexpr (DT == KV_FP8) {  // no NaN byte: the conversion without its fix-up
-        if (!fp8_any_nan(krows, W, 0, p.hd)) return chunk_scores<KV_FP8_FINITE>(p, ws, rows, krows, pf);
+        if (!fp8_any_nan(krows, W, 0, p.hd)) return scores_w<KV_FP8_FINITE>(p, ws, rows, krows, s, pf);
     }
     if constexpr (DT != KV_F32) {
         if (rows > DOT_ROWS) {
             const uint8_t* converted[W];
             convert_rows<DT>(p, krows, 0, W, ws.kb, converted);
-            return chunk_scores<KV_F32>(p, ws, rows, converted, pf);
+            return scores_w<KV_F32>(p, ws, rows, converted, s, pf);
         }
     }
     for (int64_t r0 = 0; r0 < rows; r0 += DOT_ROWS) {
         const int rr = int(std::min<int64_t>(DOT_ROWS, rows - r0));
-        qk_dot_rows<DT, DOT_ROWS>(rr, ws.q + r0 * p.hdp, p.hdp, krows, p.hd, ws.s + r0 * W, r0 == 0 ? pf : nullptr);
+        qk_dot_rows<DT, DOT_ROWS>(rr, ws.q + r0 * p.hdp, p.hdp, krows, p.hd, s + r0 * KMAX, r0 == 0 ? pf : nullptr);
     }
 }
 
-// Scores into probabilities, row by row, for the chunk of n keys (V vectors a row) from key kc
-// (causal: a row at position pos sees keys up to pos).
-template <int V = 1>
+// The unit's scores against a chunk's KMAX K rows, W keys at a time.
+template <int DT>
+void chunk_scores(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* const* krows, Prefetcher* pf) {
+    for (int h = 0; h < KMAX / W; ++h) scores_w<DT>(p, ws, rows, krows + h * W, ws.s + h * W, pf);
+}
+
+// Scores into probabilities, row by row, for the chunk of n keys from key kc (causal: a row at
+// position pos sees keys up to pos).
 void chunk_softmax(const Problem& p, Workspace& ws, int64_t rows, int64_t kc, int n) {
     for (int64_t r = 0; r < rows; ++r) {
-        float* s = ws.s + r * V * W;
+        float* s = ws.s + r * KMAX;
         const int valid = int(std::clamp<int64_t>(ws.pos[size_t(r)] - kc + 1, 0, n));
         if (valid == 0)
-            std::fill(s, s + V * W, 0.f);
+            std::fill(s, s + KMAX, 0.f);
         else
-            softmax_row<V>(s, valid, ws.m[r], ws.l[r], ws.o + r * p.hdp, p.hdp);
+            softmax_row<KMAX / W>(s, valid, ws.m[r], ws.l[r], ws.o + r * p.hdp, p.hdp);
     }
 }
 
@@ -999,7 +1006,7 @@ void values_tiles(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* 
         const int rr = int(std::min<int64_t>(PV_ROWS, rows - r0));
         for (int64_t c0 = 0; c0 < vecs; c0 += PV_VECS) {
             const int cc = int(std::min<int64_t>(PV_VECS, vecs - c0));
-            pv_tiles<DT, PV_ROWS, PV_VECS>(rr, cc, ws.o + r0 * hdp + c0 * W, hdp, ws.s + r0 * W, vrows, c0 * W, n,
+            pv_tiles<DT, PV_ROWS, PV_VECS>(rr, cc, ws.o + r0 * hdp + c0 * W, hdp, ws.s + r0 * KMAX, vrows, c0 * W, n,
                                            r0 == 0 && c0 == 0 ? pf : nullptr);
         }
     }
@@ -1039,7 +1046,7 @@ void chunk_i16(const Problem& p, Workspace& ws, int64_t rows, const uint8_t* con
                                   ws.s + r0 * KMAX + h * W, KMAX, r0 == 0 ? pf : nullptr);
     }
     pf->drain();
-    chunk_softmax<KMAX / W>(p, ws, rows, kc, n);
+    chunk_softmax(p, ws, rows, kc, n);
     // Values: keys in pairs, an odd chunk's last with the zero row (its p is 0).
     for (int j = 0; j < n; ++j) ws.v[j] = krows[j] + p.v_bytes;
     const int pairs = (n + 1) / 2 * 2;
@@ -1206,7 +1213,7 @@ void run_task(const Problem& p, const Plan& plan, const Task& t, std::deque<Work
     KeyCursor keys(p, t.seq, 0, t.k0);  // head 0's rows; head kh's lie kh * head_stride further
     const uint8_t *cur[KMAX], *next[KMAX], *head_rows[KMAX];
     const bool i16 = DT == KV_I8 && p.i16;
-    const int ck = i16 ? KMAX : W;  // keys a chunk
+    constexpr int ck = KMAX;  // keys a chunk
     Prefetcher pf;
     // Lines a turn: the score loop's ck / 4 turns and the value loop's (a key a turn; a pair on the
     // int16 path) each request a chunk's rows of one head; other quantized chunks at once (0).
