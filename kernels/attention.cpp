@@ -661,18 +661,56 @@ class Prefetcher {
         cur_ = 0, left_ = 0;
         if (quota == 0) drain();
     }
-    void step() { issue(quota_); }
+    // The step's lines, crossing at most one run's end (what is left goes with the next step, or
+    // drain()): straight-line code, no loop or call in the compiler's view (see request_lines).
+    void step() {
+        int64_t k = quota_, m = std::min(k, left_);
+        request_lines(line_, m);
+        line_ += 64 * m, left_ -= m, k -= m;
+        if (k > 0 && cur_ < runs_) {
+            next_run();
+            m = std::min(k, left_);
+            request_lines(line_, m);
+            line_ += 64 * m, left_ -= m;
+        }
+    }
     void drain() { issue(std::numeric_limits<int64_t>::max()); }
 
    private:
+    // The n >= 0 lines from p into L2. On x86-64 the loop is one asm statement: a loop (or call)
+    // the compiler can see inside the score and value loops made GCC keep their register tiles in
+    // memory too, storing every accumulator each turn (12 stores a key in fp32's value loop);
+    // blocks in L2, fp32 decode went 16.5 -> 14.7 ns a key and head, int8 10.0 -> 9.5.
+    static void request_lines(const uint8_t* p, int64_t n) {
+#if defined(__x86_64__)
+        asm volatile(
+            "test %1, %1\n\t"
+            "jle 2f\n"
+            "1:\n\t"
+            "prefetcht1 (%0)\n\t"
+            "add $64, %0\n\t"
+            "dec %1\n\t"
+            "jnz 1b\n"
+            "2:"
+            : "+r"(p), "+r"(n)
+            :
+            : "cc");
+#else
+        for (int64_t i = 0; i < n; ++i) prefetch_l2(p + 64 * i);
+#endif
+    }
+    // The next run's lines (cur_ < runs_).
+    void next_run() {
+        const uint8_t* first = run_[cur_].start + offset_;
+        const int64_t skew = int64_t(reinterpret_cast<uintptr_t>(first) & 63);
+        line_ = first - skew, left_ = (skew + run_[cur_].bytes + 63) / 64;
+        ++cur_;
+    }
     void issue(int64_t k) {
         while (k > 0) {
-            if (left_ == 0) {  // the next run's lines
+            if (left_ == 0) {
                 if (cur_ == runs_) return;
-                const uint8_t* first = run_[cur_].start + offset_;
-                const int64_t skew = int64_t(reinterpret_cast<uintptr_t>(first) & 63);
-                line_ = first - skew, left_ = (skew + run_[cur_].bytes + 63) / 64;
-                ++cur_;
+                next_run();
             }
             const int64_t m = std::min(k, left_);
             for (int64_t i = 0; i < m; ++i) prefetch_l2(line_ + 64 * i);
