@@ -28,13 +28,10 @@
 // - Threads (OpenMP) take tasks, longest first: a tile and key range for every KV head, chunk by
 //   chunk with the heads in turn, as a block holds all heads' rows. Long tiles' keys
 //   are split into fixed partitions whose partial (m, l, o) are merged afterwards
-//   (flash-decoding), so that few sequences with long contexts keep every thread busy. A thread
-//   claims its next task a task early and requests that task's first chunk during this one's
-//   last (cold fp32 decode at 32 x 512 ~1% faster, interleaved).
+//   (flash-decoding), so that few sequences with long contexts keep every thread busy.
 // - Batch invariance: how a token's row is computed (score arithmetic, key partitions, summation
 //   order) depends only on its own sequence, never on the rest of the call or the thread count.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -1248,8 +1245,7 @@ Plan make_plan(const Problem& p) {
 // requested while its scores of this chunk are computed, its V rows while its values are
 // accumulated (a chunk ahead of their use).
 template <int DT>
-void run_task(const Problem& p, const Plan& plan, const Task& t, const Task* following, std::deque<Workspace>& ws,
-              float* scratch) {
+void run_task(const Problem& p, const Plan& plan, const Task& t, std::deque<Workspace>& ws, float* scratch) {
     const int64_t kvh = p.a.cache.kv_heads, rows = (t.t1 - t.t0) * p.group;
     for (int64_t kh = 0; kh < kvh; ++kh) stage_queries(p, Unit{t.seq, kh, t.t0, t.t1, t.k0, t.k1}, ws[size_t(kh)]);
     KeyCursor keys(p, t.seq, 0, t.k0);  // head 0's rows; head kh's lie kh * head_stride further
@@ -1275,13 +1271,7 @@ void run_task(const Problem& p, const Plan& plan, const Task& t, const Task* fol
         std::copy(next, next + n, cur);
         n_next = int(std::clamp<int64_t>(t.k1 - kc - ck, 0, ck));
         keys.next(n_next, next);
-        if (n_next == 0 && following != nullptr) {  // the last chunk: request the thread's next task's first
-            const int n_first = int(std::min<int64_t>(ck, following->k1 - following->k0));
-            KeyCursor(p, following->seq, 0, following->k0).next(n_first, next);
-            pf.plan(next, n_first, p.head_bytes);
-        } else {
-            pf.plan(next, n_next, p.head_bytes);
-        }
+        pf.plan(next, n_next, p.head_bytes);
         for (int64_t kh = 0; kh < kvh; ++kh) {
             Workspace& w = ws[size_t(kh)];
             for (int j = 0; j < n; ++j) head_rows[j] = cur[j] + kh * p.head_stride;
@@ -1310,7 +1300,7 @@ void run_task(const Problem& p, const Plan& plan, const Task& t, const Task* fol
     }
 }
 
-using RunTask = void (*)(const Problem&, const Plan&, const Task&, const Task*, std::deque<Workspace>&, float*);
+using RunTask = void (*)(const Problem&, const Plan&, const Task&, std::deque<Workspace>&, float*);
 
 Problem make_problem(const AttentionArgs& a) {
     const KvCache& c = a.cache;
@@ -1352,22 +1342,13 @@ void paged_attention(const AttentionArgs& a) {
     const int64_t kvh = a.cache.kv_heads, n_tasks = int64_t(plan.tasks.size());
     const int64_t n_splits = int64_t(plan.splits.size());
     const bool parallel = threads > 1 && plan.cost >= kParallelCost;
-    std::atomic<int64_t> next_task{0};
 #pragma omp parallel num_threads(threads) if (parallel)
     {
         std::deque<Workspace> ws;  // one per KV head (a deque: workspaces are not movable)
         for (int64_t kh = 0; kh < kvh; ++kh) ws.emplace_back(p.tile_tokens * p.group, p.hdp, p.i16);
-        // Tasks in plan order, each thread claiming its next one a task early, so that the next's
-        // first chunk is requested during this one's last (a dynamic schedule of one task a claim).
-        int64_t i = next_task.fetch_add(1);
-        while (i < n_tasks) {
-            const int64_t following = next_task.fetch_add(1);
-            run(p, plan, plan.tasks[size_t(i)], following < n_tasks ? &plan.tasks[size_t(following)] : nullptr, ws,
-                scratch.data());
-            i = following;
-        }
-        if (n_splits > 0) {  // the same on every thread, as a barrier and a worksharing construct must be
-#pragma omp barrier
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < n_tasks; ++i) run(p, plan, plan.tasks[size_t(i)], ws, scratch.data());
+        if (n_splits > 0) {  // the same on every thread, as a worksharing construct must be
 #pragma omp for schedule(dynamic, 1) collapse(2)
             for (int64_t i = 0; i < n_splits; ++i)
                 for (int64_t kh = 0; kh < kvh; ++kh) merge_split(p, plan.splits[size_t(i)], kh, scratch.data());
