@@ -735,6 +735,13 @@ void qk_dot(const float* q, int64_t hdp, const uint8_t* const* rows, int64_t hea
     constexpr int64_t es = DT == KV_F32 ? 4 : 1;
     const int64_t hd = HD > 0 ? HD : head_dim, full = hd / W * W;
     vf folded[R][W / 4];
+    // The q rows in registers when they fit beside the accumulators (head_dim a constant).
+    constexpr int NQ = HD > 0 && HD % W == 0 && R * HD / W <= 12 ? HD / W : 0;
+    vf qr[R][NQ > 0 ? NQ : 1];
+    if constexpr (NQ > 0) {
+        for (int r = 0; r < R; ++r)
+            for (int v = 0; v < NQ; ++v) qr[r][v] = vload(q + r * hdp + v * W);
+    }
     for (int g = 0; g < W / 4; ++g) {  // keys 4g..4g+3
         if constexpr (DT == KV_F32) {  // (a quantized chunk's requests went at once)
             if (pf != nullptr) pf->step();
@@ -746,7 +753,10 @@ void qk_dot(const float* q, int64_t hdp, const uint8_t* const* rows, int64_t hea
         for (int64_t d = 0; d < hd; d += W) {
             for (int i = 0; i < 4; ++i) {
                 const vf kv = d < full ? load_cvt<DT>(k[i] + d * es) : load_cvt_tail<DT>(k[i] + d * es, hd - d);
-                for (int r = 0; r < R; ++r) acc[r][i] = vfmadd(vload(q + r * hdp + d), kv, acc[r][i]);
+                for (int r = 0; r < R; ++r) {
+                    const vf qv = NQ > 0 ? qr[r][NQ > 0 ? d / W : 0] : vload(q + r * hdp + d);
+                    acc[r][i] = vfmadd(qv, kv, acc[r][i]);
+                }
             }
         }
         for (int r = 0; r < R; ++r) folded[r][g] = fold4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
