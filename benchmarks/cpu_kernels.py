@@ -226,7 +226,7 @@ def blocks_read_alone(
     reader = block_reader()
     if isinstance(reader, str):
         return {}
-    chunk = 32 if cache.dtype == torch.int8 and "vnni" in ops.best_isa() else 16  # the kernel's chunks
+    chunk = 32 if "avx512" in ops.best_isa() else 16  # the kernel's chunks: 2 vectors of keys
     if reader.read(cache, tables, ctx, chunk) != block_read.expected_xor(cache, tables, ctx):
         raise RuntimeError("block_read: the reader did not read exactly the call's K/V rows")
     alone = cold_paired(lambda c: reader.read(c, tables, ctx, chunk), copies, kv_bytes, bandwidth, "kv")
