@@ -24,18 +24,24 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "neuron
 
 
 class BlockReader:
-    """``read(cache, tables, context_lens, chunk_keys)``: the rows of every head's K and V for each
-    sequence's first ``context_lens[b]`` keys, in the attention kernel's order; returns the XOR of
-    the 8-byte words read (see ``expected_xor``)."""
+    """``read(cache, tables, context_lens, chunk_keys, work=0)``: the rows of every head's K and V
+    for each sequence's first ``context_lens[b]`` keys, in the attention kernel's order; returns the
+    XOR of the 8-byte words read (see ``expected_xor``). ``work``: multiply-adds done on each
+    64-byte line after it is read, a stand-in for a kernel's arithmetic (the result is the same)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         fn = library.ns_read_blocks
         fn.restype = ctypes.c_uint64
-        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7 + [ctypes.c_int]
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7 + [ctypes.c_int, ctypes.c_int64]
         self._fn = fn
 
     def read(
-        self, cache: torch.Tensor, tables: torch.Tensor, context_lens: torch.Tensor, chunk_keys: int
+        self,
+        cache: torch.Tensor,
+        tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        chunk_keys: int,
+        work: int = 0,
     ) -> int:
         if cache.dim() != 5 or cache.shape[0] != 2 or not cache.is_contiguous():
             shape = tuple(cache.shape)
@@ -50,13 +56,15 @@ class BlockReader:
             raise ValueError("context_lens: a sequence has more keys than its table has blocks")
         if int(tables.min()) < 0 or int(tables.max()) >= blocks:
             raise ValueError(f"tables: block index out of range [0, {blocks})")
+        if work < 0:
+            raise ValueError(f"work: expected >= 0 multiply-adds a line, got {work}")
         head_bytes = head_dim * cache.element_size()
         if head_bytes % 8:
             raise ValueError(f"head_dim: a row of {head_bytes} bytes is not whole 8-byte words")
         return self._fn(
             cache.data_ptr(), tables.data_ptr(), context_lens.data_ptr(), tables.shape[0], tables.shape[1],
             kv_heads, block, head_bytes, cache[0].numel() * cache.element_size(), chunk_keys,
-            torch.get_num_threads(),
+            torch.get_num_threads(), work,
         )  # fmt: skip
 
 
@@ -92,3 +100,16 @@ def expected_xor(cache: torch.Tensor, tables: torch.Tensor, context_lens: torch.
         )
         total ^= int(np.bitwise_xor.reduce(rows.reshape(-1).numpy()))
     return total & (2**64 - 1)
+
+
+WORK_LEVELS = (8, 16, 24, 32, 48)  # multiply-adds a 64-byte line in cpu_kernels.py's overlap sweep
+
+
+def warm_at_fraction(curve: list[dict], target: float) -> float | None:
+    """The warm ms at which the sweep's cold fraction crosses ``target``, interpolated between the
+    two levels around it; None where it does not cross."""
+    for a, b in zip(curve, curve[1:]):
+        if a["cold_fraction"] >= target >= b["cold_fraction"] and a["cold_fraction"] > b["cold_fraction"]:
+            t = (a["cold_fraction"] - target) / (a["cold_fraction"] - b["cold_fraction"])
+            return round(a["warm_ms"] + t * (b["warm_ms"] - a["warm_ms"]), 3)
+    return None

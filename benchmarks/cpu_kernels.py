@@ -197,9 +197,8 @@ def attention_case(
             # The reader gives each thread whole sequences (it does not split one's keys as the kernel
             # does), so its figure is a ceiling only where the sequences keep every thread busy.
             if num_seqs >= 4 * torch.get_num_threads():
-                cold.update(
-                    blocks_read_alone(cache, copies, tables, ctx, kv_bytes, bandwidth, cold["cold_native_ms"])
-                )
+                ms, sweep = cold["cold_native_ms"], block == BLOCK
+                cold.update(blocks_read_alone(cache, copies, tables, ctx, kv_bytes, bandwidth, ms, sweep))
             del copies
     gbs = kv_bytes / t_native / 1e9
     return {
@@ -217,12 +216,19 @@ def attention_case(
 
 
 def blocks_read_alone(
-    cache, copies, tables, ctx, kv_bytes: float, bandwidth: float, kernel_ms: float
+    cache, copies, tables, ctx, kv_bytes: float, bandwidth: float, kernel_ms: float, sweep: bool = False
 ) -> dict:
     """The ceiling of the cold attention figure: the same rows of the same cold copies read in the
     kernel's order (keys by chunks, head by head, K then V, the next chunk's rows requested as it
     goes) with no arithmetic (block_read.py), timed against the plain read in turn as the kernel
-    is. Empty where the reader could not be built."""
+    is. Empty where the reader could not be built.
+
+    With ``sweep``, also how much arithmetic this machine hides behind those reads: the reader
+    again with block_read.WORK_LEVELS multiply-adds after each line, each level timed warm (the same copy
+    again and again: the arithmetic's own time) and cold; ``reader_warm_ms_for_70pct`` is the warm
+    time at which the cold read falls to 70% of the plain read (interpolated), the most a kernel
+    reading these rows may take warm to reach the 70% target if it hides its arithmetic no better
+    than the reader does."""
     reader = block_reader()
     if isinstance(reader, str):
         return {}
@@ -230,11 +236,30 @@ def blocks_read_alone(
     if reader.read(cache, tables, ctx, chunk) != block_read.expected_xor(cache, tables, ctx):
         raise RuntimeError("block_read: the reader did not read exactly the call's K/V rows")
     alone = cold_paired(lambda c: reader.read(c, tables, ctx, chunk), copies, kv_bytes, bandwidth, "kv")
-    return {
+    result = {
         "cold_blocks_read_ms": alone["cold_native_ms"],
         "cold_blocks_read_fraction": alone["cold_bandwidth_fraction"],
         "kernel_of_blocks_read": round(alone["cold_native_ms"] / kernel_ms, 3),
     }
+    if sweep:
+        curve = []
+        for work in (0, *block_read.WORK_LEVELS):
+            read = functools.partial(
+                reader.read, tables=tables, context_lens=ctx, chunk_keys=chunk, work=work
+            )
+            warm_ms = timed(lambda read=read: read(copies[0])) * 1e3
+            cold = alone if work == 0 else cold_paired(read, copies, kv_bytes, bandwidth, "kv")
+            curve.append(
+                {
+                    "work": work,
+                    "warm_ms": round(warm_ms, 3),
+                    "cold_ms": cold["cold_native_ms"],
+                    "cold_fraction": cold["cold_bandwidth_fraction"],
+                }
+            )
+        result["overlap"] = curve
+        result["reader_warm_ms_for_70pct"] = block_read.warm_at_fraction(curve, 0.7)
+    return result
 
 
 @functools.cache
@@ -488,6 +513,14 @@ def main() -> None:
         print(f"  {r['case']:<38}{r['kv_cache']:<14}native {r['native_ms']:8.3f} ms  torch "
               f"{r['torch_ms']:8.3f} ms  {r['speedup']:6.2f}x  {r['kv_gb_s']:6.1f} GB/s "
               f"({r['bandwidth_fraction']:.0%}){cold}")  # fmt: skip
+    for r in attention:
+        if "overlap" in r:
+            levels = ", ".join(f"{c['warm_ms']:.3f} -> {c['cold_fraction']:.0%}" for c in r["overlap"])
+            need = r["reader_warm_ms_for_70pct"]
+            print(f"  {r['kv_cache']} {r['case']}: the reader with arithmetic, warm ms -> cold "
+                  f"fraction: {levels}; "
+                  f"70% cold needs <= {need if need is not None else '?'} ms warm (the kernel: "
+                  f"{r['native_ms']:.3f} ms)")  # fmt: skip
 
     print("linear (x [M, K] @ W^T; GB/s of weights, GFLOP/s)")
     rows = [1, 32] if args.quick else [1, 8, 32, 128, 512]

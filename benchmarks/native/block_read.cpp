@@ -9,6 +9,11 @@
 // the XOR of every 8-byte word read, so that a caller can check that the call's bytes were read
 // (each row once: a row read twice would cancel out).
 //
+// `work` adds about that many multiply-adds (vpdpwssd on AVX-512 VNNI, vpmaddwd + vpaddd on other
+// AVX-512, a 64-bit multiply-add elsewhere; rounded up to a multiple of 8), in 8 independent chains, after each line read, on
+// the line's data: a stand-in for a kernel's arithmetic, to measure how much of it this machine
+// hides behind the reads (cpu_kernels.py's overlap sweep). It does not change the result.
+//
 // Rows are addressed a run at a time, not a row at a time: the earlier reader found each row's
 // block with a division, which with one-line int8 / fp8 rows (head_dim 64) cost more than the
 // read and held it at ~67% of the plain read; a run at a time it reads them at ~86%, as fp32.
@@ -20,6 +25,8 @@
 
 namespace {
 
+volatile uint64_t g_sink;  // where the work's result goes, so that it is not optimized away
+
 // XORs n bytes (a multiple of 8) as 8-byte words into x: one cheap instruction a line, so that
 // reading, not checking, is what is timed.
 struct Xor {
@@ -27,6 +34,7 @@ struct Xor {
     __m512i acc = _mm512_setzero_si512();
 #endif
     uint64_t x = 0;
+    int64_t work = 0;
 
     // The n bytes at p (whole 8-byte words); after each whole line, `per_line` may issue a
     // request (see Requests).
@@ -35,9 +43,12 @@ struct Xor {
         int64_t i = 0;
         for (; i + 64 <= n; i += 64) {
 #if defined(__AVX512F__)
-            acc = _mm512_xor_si512(acc, _mm512_loadu_si512(p + i));
+            const __m512i line = _mm512_loadu_si512(p + i);
+            acc = _mm512_xor_si512(acc, line);
+            if (work > 0) spin(line);
 #else
             for (int64_t j = 0; j < 64; j += 8) x ^= word(p + i + j);
+            if (work > 0) spin(word(p + i));
 #endif
             per_line();
         }
@@ -48,6 +59,42 @@ struct Xor {
         __builtin_memcpy(&w, p, 8);
         return w;
     }
+#if defined(__AVX512F__)
+    // Eight chains named one by one (an array of them was kept in memory by GCC).
+    __m512i c0 = _mm512_set1_epi32(0), c1 = _mm512_set1_epi32(1), c2 = _mm512_set1_epi32(2),
+            c3 = _mm512_set1_epi32(3), c4 = _mm512_set1_epi32(4), c5 = _mm512_set1_epi32(5),
+            c6 = _mm512_set1_epi32(6), c7 = _mm512_set1_epi32(7);
+    static __m512i madd(__m512i c, __m512i v) {
+#if defined(__AVX512VNNI__)
+        return _mm512_dpwssd_epi32(c, v, v);
+#else
+        return _mm512_add_epi32(c, _mm512_madd_epi16(v, v));
+#endif
+    }
+    void spin(__m512i v) {
+        for (int64_t i = 0; i < work; i += 8) {
+            c0 = madd(c0, v), c1 = madd(c1, v), c2 = madd(c2, v), c3 = madd(c3, v);
+            c4 = madd(c4, v), c5 = madd(c5, v), c6 = madd(c6, v), c7 = madd(c7, v);
+        }
+    }
+    void sink() const {
+        alignas(64) uint64_t lanes[8];
+        const __m512i a = _mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3));
+        const __m512i b = _mm512_add_epi32(_mm512_add_epi32(c4, c5), _mm512_add_epi32(c6, c7));
+        _mm512_store_si512(lanes, _mm512_add_epi32(a, b));
+        g_sink = lanes[0];
+    }
+#else
+    uint64_t c0 = 0, c1 = 1, c2 = 2, c3 = 3, c4 = 4, c5 = 5, c6 = 6, c7 = 7;
+    void spin(uint64_t w) {
+        constexpr uint64_t k = 0x9E3779B97F4A7C15ull;
+        for (int64_t i = 0; i < work; i += 8) {
+            c0 = c0 * k + w, c1 = c1 * k + w, c2 = c2 * k + w, c3 = c3 * k + w;
+            c4 = c4 * k + w, c5 = c5 * k + w, c6 = c6 * k + w, c7 = c7 * k + w;
+        }
+    }
+    void sink() const { g_sink = c0 ^ c1 ^ c2 ^ c3 ^ c4 ^ c5 ^ c6 ^ c7; }
+#endif
     uint64_t value() const {
         uint64_t v = x;
 #if defined(__AVX512F__)
@@ -106,12 +153,14 @@ inline void for_runs(const uint8_t* base, const int64_t* table, int64_t block_si
 
 extern "C" uint64_t ns_read_blocks(const uint8_t* cache, const int64_t* tables, const int64_t* context_lens,
                                    int64_t num_seqs, int64_t max_blocks, int64_t kv_heads, int64_t block_size,
-                                   int64_t head_bytes, int64_t v_bytes, int64_t chunk_keys, int threads) {
+                                   int64_t head_bytes, int64_t v_bytes, int64_t chunk_keys, int threads,
+                                   int64_t work) {
     const int64_t head_stride = block_size * head_bytes, block_bytes = kv_heads * head_stride;
     uint64_t total = 0;
 #pragma omp parallel num_threads(threads) reduction(^ : total)
     {
         Xor words;
+        words.work = work;
         Requests ahead;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t seq = 0; seq < num_seqs; ++seq) {
@@ -135,6 +184,7 @@ extern "C" uint64_t ns_read_blocks(const uint8_t* cache, const int64_t* tables, 
             }
         }
         total ^= words.value();
+        if (work > 0) words.sink();
     }
     return total;
 }

@@ -41,9 +41,10 @@ def random_cache(dtype, blocks, kv_heads, block, head_dim):
     head_dim=st.sampled_from([8, 24, 64, 80, 128]),
     num_seqs=st.integers(1, 6),
     chunk=st.sampled_from([1, 16, 32]),
+    work=st.sampled_from([0, 0, 1, 8, 13]),
     seed=st.integers(0, 2**16),
 )
-def test_reads_exactly_the_calls_rows(reader, dtype, kv_heads, block, head_dim, num_seqs, chunk, seed):
+def test_reads_exactly_the_calls_rows(reader, dtype, kv_heads, block, head_dim, num_seqs, chunk, work, seed):
     g = torch.Generator().manual_seed(seed)
     per_seq = 4
     blocks = num_seqs * per_seq + 3
@@ -51,7 +52,8 @@ def test_reads_exactly_the_calls_rows(reader, dtype, kv_heads, block, head_dim, 
     cache = random_cache(dtype, blocks, kv_heads, block, head_dim)
     tables = (torch.randperm(blocks - 1, generator=g) + 1)[: num_seqs * per_seq].view(num_seqs, per_seq)
     ctx = torch.randint(1, per_seq * block + 1, (num_seqs,), generator=g)
-    assert reader.read(cache, tables, ctx, chunk) == block_read.expected_xor(cache, tables, ctx)
+    # The arithmetic stand-in (work) must not change what is read.
+    assert reader.read(cache, tables, ctx, chunk, work) == block_read.expected_xor(cache, tables, ctx)
 
 
 def test_a_row_left_out_or_read_twice_changes_the_checksum(reader):
@@ -80,3 +82,21 @@ def test_bad_input_names_the_argument(reader, change, field):
     tables, ctx = torch.tensor([[3, 1]]), torch.tensor([20])
     with pytest.raises(ValueError, match=field):
         reader.read(*change(cache, tables, ctx), 16)
+
+
+def test_negative_work_is_refused(reader):
+    cache = torch.zeros(2, 9, 3, 16, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match="work"):
+        reader.read(cache, torch.tensor([[3, 1]]), torch.tensor([20]), 16, -1)
+
+
+def test_the_overlap_sweeps_70_percent_point_is_interpolated():
+    curve = [
+        {"warm_ms": 0.15, "cold_fraction": 0.82},
+        {"warm_ms": 0.17, "cold_fraction": 0.76},
+        {"warm_ms": 0.22, "cold_fraction": 0.68},
+        {"warm_ms": 0.29, "cold_fraction": 0.60},
+    ]
+    assert block_read.warm_at_fraction(curve, 0.7) == pytest.approx(0.17 + 0.75 * 0.05, abs=1e-3)
+    assert block_read.warm_at_fraction(curve, 0.9) is None  # never reached
+    assert block_read.warm_at_fraction(curve, 0.5) is None  # never fallen to
