@@ -10,9 +10,9 @@
 // (each row once: a row read twice would cancel out).
 //
 // `work` adds about that many multiply-adds (vpdpwssd on AVX-512 VNNI, vpmaddwd + vpaddd on other
-// AVX-512, a 64-bit multiply-add elsewhere; rounded up to a multiple of 8), in 8 independent chains, after each line read, on
-// the line's data: a stand-in for a kernel's arithmetic, to measure how much of it this machine
-// hides behind the reads (cpu_kernels.py's overlap sweep). It does not change the result.
+// AVX-512, a 64-bit multiply-add elsewhere) after each line read, on the line's data (Work): a
+// stand-in for a kernel's arithmetic, to measure how much of it this machine hides behind the
+// reads (cpu_kernels.py's overlap sweep). It does not change the result.
 //
 // Rows are addressed a run at a time, not a row at a time: the earlier reader found each row's
 // block with a division, which with one-line int8 / fp8 rows (head_dim 64) cost more than the
@@ -25,7 +25,11 @@
 
 namespace {
 
-volatile uint64_t g_sink;  // where the work's result goes, so that it is not optimized away
+#if defined(__AVX512F__)
+using Line = __m512i;  // one 64-byte line as read
+#else
+using Line = uint64_t;  // its first word
+#endif
 
 // XORs n bytes (a multiple of 8) as 8-byte words into x: one cheap instruction a line, so that
 // reading, not checking, is what is timed.
@@ -34,23 +38,21 @@ struct Xor {
     __m512i acc = _mm512_setzero_si512();
 #endif
     uint64_t x = 0;
-    int64_t work = 0;
 
-    // The n bytes at p (whole 8-byte words); after each whole line, `per_line` may issue a
-    // request (see Requests).
+    // The n bytes at p (whole 8-byte words); after each whole line, per_line(line) (the stand-in
+    // arithmetic, the next chunk's requests).
     template <class F>
     void add(const uint8_t* p, int64_t n, F per_line) {
         int64_t i = 0;
         for (; i + 64 <= n; i += 64) {
 #if defined(__AVX512F__)
-            const __m512i line = _mm512_loadu_si512(p + i);
+            const Line line = _mm512_loadu_si512(p + i);
             acc = _mm512_xor_si512(acc, line);
-            if (work > 0) spin(line);
 #else
             for (int64_t j = 0; j < 64; j += 8) x ^= word(p + i + j);
-            if (work > 0) spin(word(p + i));
+            const Line line = word(p + i);
 #endif
-            per_line();
+            per_line(line);
         }
         for (; i < n; i += 8) x ^= word(p + i);
     }
@@ -59,8 +61,24 @@ struct Xor {
         __builtin_memcpy(&w, p, 8);
         return w;
     }
+    uint64_t value() const {
+        uint64_t v = x;
 #if defined(__AVX512F__)
-    // Eight chains named one by one (an array of them was kept in memory by GCC).
+        alignas(64) uint64_t lanes[8];
+        _mm512_store_si512(lanes, acc);
+        for (uint64_t lane : lanes) v ^= lane;
+#endif
+        return v;
+    }
+};
+
+volatile uint64_t g_sink;  // where Work's result goes, so that it is not optimized away
+
+// The stand-in arithmetic: `per_line` multiply-adds on each line read (rounded up to a multiple
+// of 8), in 8 independent chains named one by one (an array of them was kept in memory by GCC).
+struct Work {
+    int64_t per_line = 0;
+#if defined(__AVX512F__)
     __m512i c0 = _mm512_set1_epi32(0), c1 = _mm512_set1_epi32(1), c2 = _mm512_set1_epi32(2),
             c3 = _mm512_set1_epi32(3), c4 = _mm512_set1_epi32(4), c5 = _mm512_set1_epi32(5),
             c6 = _mm512_set1_epi32(6), c7 = _mm512_set1_epi32(7);
@@ -71,8 +89,8 @@ struct Xor {
         return _mm512_add_epi32(c, _mm512_madd_epi16(v, v));
 #endif
     }
-    void spin(__m512i v) {
-        for (int64_t i = 0; i < work; i += 8) {
+    void spin(Line v) {
+        for (int64_t i = 0; i < per_line; i += 8) {
             c0 = madd(c0, v), c1 = madd(c1, v), c2 = madd(c2, v), c3 = madd(c3, v);
             c4 = madd(c4, v), c5 = madd(c5, v), c6 = madd(c6, v), c7 = madd(c7, v);
         }
@@ -86,24 +104,15 @@ struct Xor {
     }
 #else
     uint64_t c0 = 0, c1 = 1, c2 = 2, c3 = 3, c4 = 4, c5 = 5, c6 = 6, c7 = 7;
-    void spin(uint64_t w) {
+    void spin(Line w) {
         constexpr uint64_t k = 0x9E3779B97F4A7C15ull;
-        for (int64_t i = 0; i < work; i += 8) {
+        for (int64_t i = 0; i < per_line; i += 8) {
             c0 = c0 * k + w, c1 = c1 * k + w, c2 = c2 * k + w, c3 = c3 * k + w;
             c4 = c4 * k + w, c5 = c5 * k + w, c6 = c6 * k + w, c7 = c7 * k + w;
         }
     }
     void sink() const { g_sink = c0 ^ c1 ^ c2 ^ c3 ^ c4 ^ c5 ^ c6 ^ c7; }
 #endif
-    uint64_t value() const {
-        uint64_t v = x;
-#if defined(__AVX512F__)
-        alignas(64) uint64_t lanes[8];
-        _mm512_store_si512(lanes, acc);
-        for (uint64_t lane : lanes) v ^= lane;
-#endif
-        return v;
-    }
 };
 
 inline void request(const uint8_t* p, int64_t n) {
@@ -160,7 +169,7 @@ extern "C" uint64_t ns_read_blocks(const uint8_t* cache, const int64_t* tables, 
 #pragma omp parallel num_threads(threads) reduction(^ : total)
     {
         Xor words;
-        words.work = work;
+        Work stand_in{work};
         Requests ahead;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t seq = 0; seq < num_seqs; ++seq) {
@@ -177,14 +186,19 @@ extern "C" uint64_t ns_read_blocks(const uint8_t* cache, const int64_t* tables, 
                             for_runs(base, table, block_size, block_bytes, head_bytes, next, next_n,
                                      [&](const uint8_t* p, int64_t bytes) { ahead.add(p, bytes); });
                         for_runs(base, table, block_size, block_bytes, head_bytes, k0, n,
-                                 [&](const uint8_t* p, int64_t bytes) { words.add(p, bytes, [&] { ahead.step(); }); });
+                                 [&](const uint8_t* p, int64_t bytes) {
+                                     words.add(p, bytes, [&](Line line) {
+                                         if (work > 0) stand_in.spin(line);
+                                         ahead.step();
+                                     });
+                                 });
                         ahead.drain();
                     }
                 }
             }
         }
         total ^= words.value();
-        if (work > 0) words.sink();
+        if (work > 0) stand_in.sink();
     }
     return total;
 }
