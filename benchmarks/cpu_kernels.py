@@ -478,26 +478,8 @@ def targets(attention: list[dict], linear: list[dict], steps: list[dict]) -> lis
     return checks
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and no long-context steps")
-    parser.add_argument("--out", type=Path, default=RESULTS / "kernels.json")
-    args = parser.parse_args()
-
-    bandwidth, peak = memory_bandwidth_gbs(), gemm_peak_gflops()
-    print(f"threads {torch.get_num_threads()}, kernels ISA {ops.best_isa()}: memory read "
-          f"{bandwidth:.1f} GB/s, fp32 GEMM peak {peak:.0f} GFLOP/s")  # fmt: skip
-    model, config, _ = load_model("smollm2-135m-instruct")
-
-    print(f"paged attention (SmolLM2: 9 query / 3 KV heads, head_dim 64, block {BLOCK})")
-    attention = []
-    for name, dtype in KV_DTYPES.items():
-        attention.append(attention_case(config, dtype, 32, 512, 1, bandwidth))
-        if name == "fp32" or not args.quick:
-            attention.append(attention_case(config, dtype, 1, 2000, 1, bandwidth))
-            attention.append(attention_case(config, dtype, 1, 256, 256, bandwidth))
-    for block in (64, 128):  # larger blocks: longer runs of each head's rows (vLLM's CPU default: 128)
-        attention.append(attention_case(config, torch.float32, 32, 512, 1, bandwidth, block))
+def print_attention(attention: list[dict]) -> None:
+    """The attention cases' lines, then the overlap sweeps'."""
     for r in attention:
         cold = (
             f"  cold {r['cold_kv_gb_s']:6.1f} GB/s: {r['cold_bandwidth_fraction']:.0%} of a plain read in "
@@ -521,6 +503,29 @@ def main() -> None:
                   f"fraction: {levels}; "
                   f"70% cold needs <= {need if need is not None else '?'} ms warm (the kernel: "
                   f"{r['native_ms']:.3f} ms)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and no long-context steps")
+    parser.add_argument("--out", type=Path, default=RESULTS / "kernels.json")
+    args = parser.parse_args()
+
+    bandwidth, peak = memory_bandwidth_gbs(), gemm_peak_gflops()
+    print(f"threads {torch.get_num_threads()}, kernels ISA {ops.best_isa()}: memory read "
+          f"{bandwidth:.1f} GB/s, fp32 GEMM peak {peak:.0f} GFLOP/s")  # fmt: skip
+    model, config, _ = load_model("smollm2-135m-instruct")
+
+    print(f"paged attention (SmolLM2: 9 query / 3 KV heads, head_dim 64, block {BLOCK})")
+    attention = []
+    for name, dtype in KV_DTYPES.items():
+        attention.append(attention_case(config, dtype, 32, 512, 1, bandwidth))
+        if name == "fp32" or not args.quick:
+            attention.append(attention_case(config, dtype, 1, 2000, 1, bandwidth))
+            attention.append(attention_case(config, dtype, 1, 256, 256, bandwidth))
+    for block in (64, 128):  # larger blocks: longer runs of each head's rows (vLLM's CPU default: 128)
+        attention.append(attention_case(config, torch.float32, 32, 512, 1, bandwidth, block))
+    print_attention(attention)
 
     print("linear (x [M, K] @ W^T; GB/s of weights, GFLOP/s)")
     rows = [1, 32] if args.quick else [1, 8, 32, 128, 512]
