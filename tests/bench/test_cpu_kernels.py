@@ -1,0 +1,66 @@
+"""benchmarks/cpu_kernels.py's long-context budget: the most the attention may add a layer under
+the <= 1.2x target, against what it adds with its blocks in cache."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name):
+    # Loaded from their files: putting benchmarks/ on sys.path would let its scripts shadow packages.
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_load("block_read")  # cpu_kernels imports it by name
+cpu_kernels = _load("cpu_kernels")
+BLOCK = cpu_kernels.BLOCK
+
+
+def step(variant, context, ms, sequences=1, kernels="native"):
+    return {"variant": variant, "kernels": kernels, "sequences": sequences, "context": context, "step_ms": ms}
+
+
+def attn(kv, context, ms, block=BLOCK):
+    return {"case": f"1 seq x {context} ctx, 1 new", "block_size": block, "kv_cache": kv, "native_ms": ms}
+
+
+def test_budget_against_the_warm_attention():
+    steps = [step("fp32", 100, 20.0), step("fp32", 2000, 23.0), step("int8 + int8 KV", 100, 4.5)]
+    attention = [attn("float32", 2000, 0.070), attn("float32", 100, 0.006), attn("int8", 2000, 0.046),
+                 attn("int8", 100, 0.004)]  # fmt: skip
+    budget = {b["variant"]: b for b in cpu_kernels.long_context_budget(steps, attention, layers=30)}
+    # fp32: 0.2 x 20 ms over 30 layers = 0.1333 ms a layer, the attention adds 0.064
+    assert budget["fp32"]["allowed_ms_per_layer"] == pytest.approx(0.1333, abs=1e-4)
+    assert budget["fp32"]["attention_added_warm_ms_per_layer"] == pytest.approx(0.064)
+    assert budget["fp32"]["arithmetic_within_budget"]
+    # int8: 0.2 x 4.5 / 30 = 0.03 ms, the attention adds 0.042 even from cache: over it
+    assert budget["int8 + int8 KV"]["allowed_ms_per_layer"] == pytest.approx(0.03)
+    assert not budget["int8 + int8 KV"]["arithmetic_within_budget"]
+
+
+def test_budget_limit_and_layers_scale_it():
+    steps = [step("fp32", 100, 30.0)]
+    attention = [attn("float32", 2000, 0.05), attn("float32", 100, 0.01)]
+    (b,) = cpu_kernels.long_context_budget(steps, attention, layers=10, limit=1.5)
+    assert b["allowed_ms_per_layer"] == pytest.approx(1.5)
+
+
+def test_budget_skips_what_the_run_did_not_measure():
+    steps = [
+        step("fp32", 100, 20.0),
+        step("fp32", 100, 30.0, kernels="torch"),
+        step("fp32", 100, 9, sequences=32),
+    ]
+    # the 100-key case missing (a --quick run), another block size's case not taken for it
+    attention = [attn("float32", 2000, 0.07), attn("float32", 100, 0.006, block=BLOCK * 4)]
+    assert cpu_kernels.long_context_budget(steps, attention, layers=30) == []
+    both_ends = [attn("float32", 2000, 0.07), attn("float32", 100, 0.006)]
+    assert cpu_kernels.long_context_budget([], both_ends, layers=30) == []  # no 100-token step
