@@ -13,7 +13,8 @@
 
 Decode-shaped cases (attention decode, GEMV at M=1) are also timed "cold": cycling through
 copies of the K/V cache or the weight that together are 4x the L3 cache, so every call reads from
-DRAM as a real step does (a single small case fits in the 32 MB L3 and reads faster than memory).
+DRAM as a real step does (a single small case fits in the L3, 32-480 MB on these hosts, and reads
+faster than memory).
 The bandwidth targets apply to the cold figures: attention decode at 32 x 512 (at the engine's
 default block size; fp32 at blocks of 64 and 128 tokens is reported too) and int8 GEMV at M=1
 >= 70% of the measured bandwidth. Each cold case is timed call by call in turn with a plain read
