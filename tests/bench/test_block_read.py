@@ -1,20 +1,14 @@
 """benchmarks/block_read.py: the no-arithmetic read behind cpu_kernels.py's attention ceiling must
 read exactly the rows one attention call reads, each once, or its figure means nothing."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-# Loaded from its file: putting benchmarks/ on sys.path would let its scripts shadow packages.
-_spec = importlib.util.spec_from_file_location(
-    "block_read", Path(__file__).resolve().parents[2] / "benchmarks" / "block_read.py"
-)
-block_read = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(block_read)
+from tests.bench.conftest import load_benchmark
+
+block_read = load_benchmark("block_read")
 
 DTYPES = [torch.float32, torch.int8, torch.float8_e4m3fn]
 
