@@ -496,11 +496,15 @@ def long_context_budget(
 
 
 def targets(attention: list[dict], linear: list[dict], steps: list[dict]) -> list[dict]:
-    """The kernels issue's targets, from this run's figures (those the run measured)."""
+    """The kernels issue's targets, from this run's figures (those the run measured). Its attention
+    bandwidth and long-context targets name no cache type, and its figures were taken with the
+    fp32 cache: those checks on an int8 or fp8 cache hold the same bar beyond the issue (scope
+    "quantized cache"); the others are its targets proper (scope "target")."""
     checks = []
 
-    def check(target: str, value: float, ok: bool, fmt: str) -> None:
-        checks.append({"target": target, "measured": fmt.format(value), "met": bool(ok)})
+    def check(target: str, value: float, ok: bool, fmt: str, beyond: bool = False) -> None:
+        scope = "quantized cache" if beyond else "target"
+        checks.append({"target": target, "measured": fmt.format(value), "met": bool(ok), "scope": scope})
 
     for r in attention:
         if (
@@ -519,6 +523,7 @@ def targets(attention: list[dict], linear: list[dict], steps: list[dict]) -> lis
                 f,
                 f >= 0.7,
                 "{:.0%}" + alone,
+                beyond=r["kv_cache"] != "float32",
             )
     for r in linear:
         if r["format"] in ("int8", "int8_vnni") and r["M"] == 1 and "cold_bandwidth_fraction" in r:
@@ -534,7 +539,13 @@ def targets(attention: list[dict], linear: list[dict], steps: list[dict]) -> lis
     for variant in ("fp32", "int8 + int8 KV"):
         if (variant, "native", 1, long) in ms:
             x = ms[(variant, "native", 1, long)] / ms[(variant, "native", 1, short)]
-            check(f"{variant} decode at 2000 vs 100 tokens of context <= 1.2x", x, x <= 1.2, "{:.2f}x")
+            check(
+                f"{variant} decode at 2000 vs 100 tokens of context <= 1.2x",
+                x,
+                x <= 1.2,
+                "{:.2f}x",
+                beyond=variant != "fp32",
+            )
     return checks
 
 
@@ -616,9 +627,10 @@ def main() -> None:
               f"{b['allowed_ms_per_layer']:.4f} ms a layer for the added keys; with its blocks in the "
               f"L3 it adds {b['attention_added_warm_ms_per_layer']:.4f} ms: {verdict}")  # fmt: skip
     checks = targets(attention, linear, steps)
-    print("targets")
-    for c in checks:
-        print(f"  {c['target']:<66}{c['measured']:>22}  {'met' if c['met'] else 'MISSED'}")
+    print("targets (then, apart, the same bars held with an int8 or fp8 cache)")
+    for scope, missed in (("target", "MISSED"), ("quantized cache", "below")):
+        for c in (c for c in checks if c["scope"] == scope):
+            print(f"  {c['target']:<66}{c['measured']:>22}  {'met' if c['met'] else missed}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "machine": {

@@ -1,5 +1,5 @@
-"""benchmarks/cpu_kernels.py's long-context budget: the most the attention may add a layer under
-the <= 1.2x target, against what it adds with its blocks in cache."""
+"""benchmarks/cpu_kernels.py's long-context budget (the most the attention may add a layer under
+the <= 1.2x target, against what it adds with its blocks in cache) and its targets' scopes."""
 
 import pytest
 
@@ -51,3 +51,21 @@ def test_budget_skips_what_the_run_did_not_measure():
     assert cpu_kernels.long_context_budget(steps, attention, layers=30) == []
     both_ends = [attn("float32", 2000, 0.07), attn("float32", 100, 0.006)]
     assert cpu_kernels.long_context_budget([], both_ends, layers=30) == []  # no 100-token step
+
+
+def test_targets_hold_quantized_caches_to_the_issues_bars_apart():
+    """The attention and long-context bars with an int8 / fp8 cache are checked and reported, but
+    apart from the issue's own targets (its figures were the fp32 cache's)."""
+    cold, kvs = {"cold_bandwidth_fraction": 0.72}, ("float32", "int8")
+    attention = [
+        {"case": cpu_kernels.case_name(32, 512, 1), "block_size": BLOCK, "kv_cache": kv, **cold} for kv in kvs
+    ]
+    steps = [step("fp32", 100, 20.0), step("fp32", 2000, 23.0)]
+    steps += [step("int8 + int8 KV", 100, 4.0), step("int8 + int8 KV", 2000, 5.2)]
+    checks = {c["target"]: c for c in cpu_kernels.targets(attention, [], steps)}
+    fp32_bw, int8_bw = (checks[f"attention decode 32x512 {kv} KV >= 70% of DRAM bandwidth"] for kv in kvs)
+    assert (fp32_bw["scope"], fp32_bw["met"], int8_bw["scope"]) == ("target", True, "quantized cache")
+    fp32_lc = checks["fp32 decode at 2000 vs 100 tokens of context <= 1.2x"]
+    int8_lc = checks["int8 + int8 KV decode at 2000 vs 100 tokens of context <= 1.2x"]
+    assert (fp32_lc["scope"], fp32_lc["met"], fp32_lc["measured"]) == ("target", True, "1.15x")
+    assert (int8_lc["scope"], int8_lc["met"], int8_lc["measured"]) == ("quantized cache", False, "1.30x")
